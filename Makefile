@@ -1,0 +1,44 @@
+# sdlora: `make demo` and `make test` work on a fresh clone; both create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is installed first and pinned: an unpinned torch would pull several GB of CUDA packages.
+TORCH ?= torch==2.13.0
+export GRADIO_ANALYTICS_ENABLED = False
+export HF_HUB_DISABLE_TELEMETRY = 1
+
+.PHONY: demo test bench install samples embedded clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job on the embedded base: a labelled grid of pictures for several prompts.
+demo: $(VENV)/.installed
+	$(VENV)/bin/sdlora generate "a red circle" "a blue square" "a green triangle" "a yellow diamond" \
+		"an orange circle on a black background" "a purple square on a yellow background" \
+		--num 6 --seed 0 --steps 25 --out out/demo-grid.png --quiet
+	@echo "demo: wrote out/demo-grid.png"
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -rs tests
+
+# Rebuild what samples/ ships (seeded; the base takes about 35 minutes on two cores).
+embedded: $(VENV)/.installed
+	$(PY) train_scripts/build_embedded_base.py --out samples/embedded
+
+samples: $(VENV)/.installed
+	$(PY) train_scripts/make_samples.py --out samples/styles
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,129 @@
+"""The `sdlora` command. A face only: it parses flags, calls the library, prints one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import SdloraError
+from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
+BASE_HELP = "'embedded' (default), a diffusers folder, a .safetensors checkpoint, or a hub id (online only)"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'64x48' -> (64, 48); '64' -> (64, 64)."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) == 1:
+            return int(parts[0]), int(parts[0])
+        if len(parts) == 2:
+            return int(parts[0]), int(parts[1])
+    except ValueError:
+        pass
+    raise SdloraError(f"--size '{text}' is not WIDTHxHEIGHT", "pass e.g. --size 64x64")
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SdloraError(f"--device {name} asked for, but torch sees no CUDA device", "pass --device cpu")
+    return name
+
+
+def add_base_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="embedded", help=f"the base model: {BASE_HELP}")
+    p.add_argument("--base-config", metavar="DIR", default=None,
+                   help="for a single-file --base: a diffusers folder of the same architecture whose configs "
+                        "and tokenizer are used, so nothing is fetched from the hub")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
+
+
+def cmd_generate(args) -> int:
+    from .generate import GenerateSettings, generate, write_outputs
+    from .pipelines import load_base
+
+    width = height = None
+    if args.size:
+        width, height = parse_size(args.size)
+    settings = GenerateSettings(
+        prompts=tuple(args.prompts), negative=args.negative, seed=args.seed, steps=args.steps,
+        guidance=args.guidance, width=width, height=height, num=args.num, scheduler=args.scheduler,
+    )
+    if Path(args.out).suffix.lower() != ".png":
+        raise SdloraError(f"--out {args.out} must end in .png", "pass a file name like out/picture.png")
+    base = load_base(args.base, device=pick_device(args.device), config=args.base_config)
+    results = generate(base, settings, progress=not args.quiet)
+    for path in write_outputs(results, Path(args.out), settings.num):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdlora", description="Train, mix and export LoRA-family adapters for Stable Diffusion.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser(
+        "generate", help="generate pictures from one or more prompts",
+        description="Generate pictures. One prompt and --num 1 write OUT; otherwise OUT is a labelled grid "
+                    "(a row per prompt, a column per seed) and each picture is written beside it as "
+                    "OUT-<row>-<col>.png. Every PNG carries its settings in its text metadata.",
+    )
+    g.add_argument("prompts", nargs="+", metavar="PROMPT", help="what to draw; several prompts make a grid")
+    g.add_argument("--out", required=True, metavar="FILE.png", help="where to write the picture (or grid)")
+    add_base_flags(g)
+    g.add_argument("--seed", type=int, default=0, help="seed of the first picture; picture k uses seed+k (default 0)")
+    g.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    g.add_argument("--size", metavar="WxH", default=None,
+                   help="picture size, multiples of 8 (default: the base's native size, 64x64 for embedded)")
+    g.add_argument("--num", type=int, default=1, help="pictures per prompt (default 1)")
+    g.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    g.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS), metavar="NAME",
+                   help=f"sampler: {', '.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER})")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def quiet_third_party() -> None:
+    """Keep the terminal for our own progress and errors: the libraries below us log loading
+    bars, backend notices (bitsandbytes' optional CPU kernel, torchvision-less image processors)
+    and deprecations that say nothing to a user of this command."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_third_party()
+    try:
+        return args.func(args)
+    except SdloraError as err:
+        print(f"sdlora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""safetensors I/O and pure key maps between layouts."""

@@ -1,0 +1,205 @@
+"""One generation call: a base, a prompt list and settings in; PIL pictures with their settings out."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from .errors import SdloraError
+from .pipelines import Base
+from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
+
+MAX_SIDE = 4096
+MAX_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """What one call generates. Width and height of None mean the base's native size."""
+
+    prompts: tuple[str, ...]
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 5.0
+    width: int | None = None
+    height: int | None = None
+    num: int = 1
+    scheduler: str = DEFAULT_SCHEDULER
+
+    def __post_init__(self):
+        if isinstance(self.prompts, str):
+            object.__setattr__(self, "prompts", (self.prompts,))
+        if not self.prompts:
+            raise SdloraError("no prompt given", "pass at least one prompt")
+        if self.steps < 1:
+            raise SdloraError(f"steps must be at least 1, got {self.steps}", "pass --steps 1 or more (20 is typical)")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise SdloraError(f"guidance must be a finite number >= 0, got {self.guidance}", "pass e.g. --guidance 5")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value > MAX_SIDE or value % 8):
+                raise SdloraError(
+                    f"{name} {value} is not a multiple of 8 between 8 and {MAX_SIDE}",
+                    "pass --size WxH with both sides multiples of 8, e.g. --size 64x64",
+                )
+        if not 1 <= self.num <= MAX_IMAGES:
+            raise SdloraError(f"num must be between 1 and {MAX_IMAGES}, got {self.num}", "pass --num 1 or more")
+        if not 0 <= self.seed < 2**63:
+            raise SdloraError(f"seed must be between 0 and 2**63-1, got {self.seed}", "pass a non-negative --seed")
+        if self.scheduler not in SCHEDULERS:
+            raise SdloraError(f"unknown scheduler '{self.scheduler}'", f"choose one of: {', '.join(SCHEDULERS)}")
+
+
+@dataclass
+class Generated:
+    """One picture and everything needed to make it again."""
+
+    image: Image.Image
+    prompt: str
+    seed: int
+    settings: GenerateSettings
+    base: str
+    extra: dict = field(default_factory=dict)
+
+    def parameters_text(self) -> str:
+        """A1111's `parameters` text, which A1111, ComfyUI and image browsers read back."""
+        s = self.settings
+        lines = [self.prompt]
+        if s.negative:
+            lines.append(f"Negative prompt: {s.negative}")
+        lines.append(
+            f"Steps: {s.steps}, Sampler: {s.scheduler}, CFG scale: {s.guidance:g}, Seed: {self.seed}, "
+            f"Size: {self.image.width}x{self.image.height}, Model: {self.base}"
+        )
+        return "\n".join(lines)
+
+    def metadata(self) -> dict:
+        s = asdict(self.settings)
+        s.pop("prompts")
+        return {"prompt": self.prompt, **s, "seed": self.seed, "width": self.image.width,
+                "height": self.image.height, "base": self.base, **self.extra}
+
+    def pnginfo(self) -> PngInfo:
+        info = PngInfo()
+        info.add_text("parameters", self.parameters_text())
+        info.add_text("sdlora", json.dumps(self.metadata(), sort_keys=True))
+        return info
+
+
+def _call_pipeline(base: Base, settings: GenerateSettings, prompt: str, width: int, height: int, on_step):
+    """One batch of `num` pictures for one prompt. A fresh pipeline object around the shared
+    modules carries its own scheduler, so concurrent calls do not share scheduler state."""
+    components = dict(base.pipe.components)
+    components["scheduler"] = make_scheduler(settings.scheduler, base.pipe.scheduler.config)
+    if "safety_checker" in components:
+        components["requires_safety_checker"] = False
+    pipe = type(base.pipe)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    device = base.pipe.device
+    # One generator per picture: picture k of a call equals a call with seed + k (as in A1111).
+    gens = [torch.Generator(device="cpu").manual_seed(settings.seed + k) for k in range(settings.num)]
+    # Initial noise drawn on the CPU for every device, so a seed gives the same picture everywhere.
+    shape = (settings.num, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    latents = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(device, pipe.unet.dtype)
+    out = pipe(
+        prompt=[prompt] * settings.num,
+        negative_prompt=[settings.negative] * settings.num if settings.negative else None,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        width=width,
+        height=height,
+        generator=gens,
+        latents=latents,
+        callback_on_step_end=lambda p, i, t, kw: (on_step(), kw)[1],
+    )
+    return out.images
+
+
+@torch.inference_mode()
+def generate(base: Base, settings: GenerateSettings, progress: bool = True) -> list[Generated]:
+    """Pictures for every prompt of `settings`, `num` each, in prompt-major order."""
+    from tqdm.auto import tqdm
+
+    width = settings.width or base.native_size
+    height = settings.height or base.native_size
+    total = len(settings.prompts) * settings.steps
+    results: list[Generated] = []
+    with tqdm(total=total, desc="generating", unit="step", disable=not progress) as bar:
+        for prompt in settings.prompts:
+            images = _call_pipeline(base, settings, prompt, width, height, lambda: bar.update(1))
+            results += [Generated(im, prompt, settings.seed + k, settings, base.source) for k, im in enumerate(images)]
+    return results
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str] | None = None,
+                  scale: int = 2) -> Image.Image:
+    """Pictures in a grid, upscaled `scale` times (nearest, so pixels stay honest), a label per row
+    on the left and per column on top."""
+    cell_w = max(im.width for r in rows for im in r) * scale
+    cell_h = max(im.height for r in rows for im in r) * scale
+    font = _font(12)
+    label_w = max(8 + int(font.getlength(t)) for t in row_labels) + 8
+    top = 20 if col_labels else 4
+    ncol = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_w + ncol * (cell_w + 4), top + len(rows) * (cell_h + 4)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for j, text in enumerate(col_labels or []):
+        draw.text((label_w + j * (cell_w + 4) + 2, 4), text, fill=(0, 0, 0), font=font)
+    for i, (row, text) in enumerate(zip(rows, row_labels)):
+        y = top + i * (cell_h + 4)
+        draw.text((6, y + cell_h // 2 - 7), text, fill=(0, 0, 0), font=font)
+        for j, im in enumerate(row):
+            grid.paste(im.resize((im.width * scale, im.height * scale), Image.NEAREST), (label_w + j * (cell_w + 4), y))
+    return grid
+
+
+def save_png(image: Image.Image, path: Path, pnginfo: PngInfo | None = None) -> Path:
+    """Write a PNG atomically: a temporary file beside the target, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=pnginfo)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_outputs(results: list[Generated], out: Path, num: int) -> list[Path]:
+    """One picture: written to `out`. Several: each as OUT-<prompt>-<k>.png, and `out` is a
+    labelled grid (a row per prompt, a column per seed)."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise SdloraError(f"--out {out} must end in .png", "pass a file name like out/picture.png")
+    if len(results) == 1:
+        return [save_png(results[0].image, out, results[0].pnginfo())]
+    written = [
+        save_png(r.image, out.with_name(f"{out.stem}-{i // num:02d}-{i % num:02d}.png"), r.pnginfo())
+        for i, r in enumerate(results)
+    ]
+    rows = [[r.image for r in results[i : i + num]] for i in range(0, len(results), num)]
+    labels = [results[i].prompt for i in range(0, len(results), num)]
+    cols = [f"seed {r.seed}" for r in results[:num]]
+    info = PngInfo()
+    info.add_text("sdlora", json.dumps({"grid": [r.metadata() for r in results]}, sort_keys=True))
+    written.insert(0, save_png(labelled_grid(rows, labels, cols), out, info))
+    return written

@@ -1,0 +1,199 @@
+"""Load a Stable Diffusion base and tell its family; the only module that knows diffusers' loaders.
+
+A base is named by one string, as on the command line:
+    "embedded"              the tiny model shipped in samples/embedded (the default)
+    a folder                a diffusers pipeline folder (model_index.json inside)
+    a .safetensors file     a single-file checkpoint in the original (LDM) layout
+    owner/name              a hub id, when the machine is online or the hub cache holds it
+Families: "sd1" (CLIP ViT-L text encoder), "sd2" (OpenCLIP ViT-H, GELU), "sdxl" (two text encoders).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SdloraError
+
+EMBEDDED = "embedded"
+FAMILIES = ("sd1", "sd2", "sdxl")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Base:
+    """A loaded base pipeline and what we know of it."""
+
+    pipe: object  # StableDiffusionPipeline | StableDiffusionXLPipeline
+    family: str  # one of FAMILIES
+    source: str  # the name the user gave
+    kind: str  # "embedded" | "folder" | "single_file" | "hub"
+
+    @property
+    def native_size(self) -> int:
+        """The picture side the UNet was trained at: latent side x VAE factor (64 for embedded)."""
+        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+
+def embedded_path() -> Path:
+    """The embedded base's folder: $SDLORA_EMBEDDED, else samples/embedded beside the package."""
+    env = os.environ.get("SDLORA_EMBEDDED")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "samples" / "embedded"
+    if not (path / "model_index.json").is_file():
+        raise SdloraError(
+            f"the embedded base is missing at {path}",
+            "install sdlora from its source tree (pip install -e .), set SDLORA_EMBEDDED to the folder, "
+            "or rebuild it with: python train_scripts/build_embedded_base.py",
+        )
+    return path
+
+
+def family_from_configs(model_index: dict, unet_config: dict, text_encoder_config: dict | None) -> str:
+    """Family of a diffusers folder from its configs (no weights read)."""
+    if "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    # SD2 swapped OpenAI CLIP (quick_gelu) for OpenCLIP ViT-H (gelu, 1024 wide).
+    if (text_encoder_config or {}).get("hidden_act") == "gelu" or unet_config.get("cross_attention_dim") == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def family_from_checkpoint_keys(keys, path: str = "checkpoint") -> str:
+    """Family of an original-layout (LDM) single-file checkpoint from its tensor names."""
+    keys = list(keys)
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise SdloraError(
+        f"{path} is not a Stable Diffusion checkpoint: no text-encoder keys (cond_stage_model.* or "
+        f"conditioner.embedders.*) among its {len(keys)} tensors",
+        "pass a full SD1/SD2/SDXL checkpoint, or a diffusers folder",
+    )
+
+
+def pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SdloraError(f"cannot read {path}: {err}", "check the base folder is a complete diffusers pipeline") from err
+
+
+def _load_folder(path: Path, dtype: torch.dtype) -> tuple[object, str]:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise SdloraError(
+            f"{path} is a folder but not a diffusers pipeline (no model_index.json)",
+            "point --base at the folder that holds model_index.json, unet/ and vae/",
+        )
+    index = _read_json(index_file)
+    te_config = path / "text_encoder" / "config.json"
+    family = family_from_configs(
+        index, _read_json(path / "unet" / "config.json"), _read_json(te_config) if te_config.is_file() else None
+    )
+    cls = pipeline_class(family)
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if family != "sdxl" else {}
+    try:
+        pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise SdloraError(f"cannot load the diffusers folder {path}: {err}", "check that every component is complete") from err
+    return pipe, family
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> tuple[object, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise SdloraError(f"{path} is not a readable .safetensors file ({err})", "re-download or re-export it") from err
+    family = family_from_checkpoint_keys(keys, str(path))
+    cls = pipeline_class(family)
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if family != "sdxl" else {}
+    try:
+        pipe = cls.from_single_file(
+            str(path), config=config, dtype=dtype, local_files_only=config is not None, **kwargs
+        )
+    except Exception as err:  # diffusers raises OSError, ValueError or hub errors depending on what is missing
+        raise SdloraError(
+            f"cannot load the {family} checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            "a single file holds weights only; pass --base-config DIR, a diffusers folder of the same "
+            "architecture, so its configs and tokenizer are read locally",
+        ) from err
+    return pipe, family
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[object, str]:
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype)
+    except Exception as err:  # offline: huggingface_hub raises connection or cache-miss errors
+        raise SdloraError(
+            f"'{repo_id}' is not a local path, and it could not be fetched as a hub model id "
+            f"({type(err).__name__})",
+            f"on a machine with network run `hf download {repo_id} --local-dir DIR`, copy DIR here and pass --base DIR",
+        ) from err
+    unet_config = dict(pipe.unet.config)
+    te = getattr(pipe, "text_encoder", None)
+    family = family_from_configs(
+        {"text_encoder_2": 1} if getattr(pipe, "text_encoder_2", None) is not None else {},
+        unet_config,
+        dict(te.config.to_dict()) if te is not None else None,
+    )
+    return pipe, family
+
+
+def load_base(base: str = EMBEDDED, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              config: str | None = None) -> Base:
+    """Load the base named by `base` (see the module docstring) in `dtype` on `device`.
+
+    `config` is a diffusers folder whose configs and tokenizer describe a single-file checkpoint's
+    architecture; without it diffusers looks them up on the hub.
+    """
+    if base == EMBEDDED:
+        pipe, family = _load_folder(embedded_path(), dtype)
+        kind = "embedded"
+    else:
+        path = Path(base).expanduser()
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise SdloraError(
+                f"{base} is a pickle checkpoint ({path.suffix}); sdlora never unpickles files, since loading a "
+                "pickle can run arbitrary code",
+                "convert it to .safetensors with a tool you trust, or use the model's diffusers folder",
+            )
+        if path.is_dir():
+            pipe, family = _load_folder(path, dtype)
+            kind = "folder"
+        elif path.is_file():
+            if path.suffix.lower() != ".safetensors":
+                raise SdloraError(f"{base} is neither a diffusers folder nor a .safetensors checkpoint",
+                                  "pass a diffusers folder, a .safetensors file, a hub id or 'embedded'")
+            pipe, family = _load_single_file(path, dtype, config)
+            kind = "single_file"
+        elif _HUB_ID.match(base) and not base.startswith((".", "~")):
+            pipe, family = _load_hub(base, dtype)
+            kind = "hub"
+        else:
+            raise SdloraError(
+                f"no base at '{base}': no such folder or file, and not a hub id (owner/name)",
+                "pass 'embedded', a diffusers folder, a .safetensors checkpoint or a hub id",
+            )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return Base(pipe=pipe, family=family, source=base, kind=kind)

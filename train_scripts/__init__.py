@@ -1,0 +1,1 @@
+"""Entry points that build `samples/` and (later) launch training; importable for tests."""
