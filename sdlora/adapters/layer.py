@@ -1,0 +1,120 @@
+"""The wrapper: a base layer as a child module plus named adapters; no patched forward.
+
+forward(x) = base(x) + sum over active adapters of w_i * D_i x, where the weights w_i come from
+the active mix (adapters/context.py). Low-rank adapters (LoRA, LoCon, VeRA) run together as one
+concatenated-rank pair of matmuls, with each rank column scaled by its adapter's weight; the
+weights may be per sample, so one batch carries several mixes. DoRA runs on its own path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant import dequantized_weight
+from .base import Adapter, BaseGeometry
+from .context import current_mix
+from .functional import apply_down, apply_up, scale_rank_columns
+
+
+def geometry_of(layer: nn.Module) -> BaseGeometry:
+    """Shape facts of a Linear-like or Conv2d-like base layer (float or quantized)."""
+    if hasattr(layer, "kernel_size"):
+        if getattr(layer, "groups", 1) != 1 or getattr(layer, "padding_mode", "zeros") != "zeros":
+            raise ValueError(f"{type(layer).__name__} with groups or non-zero padding cannot be adapted")
+        return BaseGeometry(layer.in_channels, layer.out_channels, tuple(layer.kernel_size), tuple(layer.stride),
+                            layer.padding if isinstance(layer.padding, str) else tuple(layer.padding),
+                            tuple(layer.dilation))
+    if hasattr(layer, "in_features"):
+        return BaseGeometry(layer.in_features, layer.out_features)
+    raise TypeError(f"cannot adapt a {type(layer).__name__}: neither Linear-like nor Conv2d-like")
+
+
+def _per_sample(weight, batch: int, ndim: int, channel_dim: int):
+    """A float, or (batch,) -> shape broadcasting over an output of `ndim` dims (batch first)."""
+    if not torch.is_tensor(weight):
+        return weight
+    return weight.reshape(batch, *([1] * (ndim - 1)))
+
+
+class AdapterLayer(nn.Module):
+    def __init__(self, base_layer: nn.Module, region: str = ""):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.region = region  # e.g. "unet.down.1", "unet.mid", "text_encoder": where per-block weights apply
+        self.geometry = geometry_of(base_layer)
+
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter '{name}' is already on this layer")
+        if adapter.geometry != self.geometry:
+            raise ValueError(f"adapter '{name}' was built for {adapter.geometry}, this layer is {self.geometry}")
+        self.adapters[name] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        del self.adapters[name]
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 as a float tensor (dequantized for NF4/int8 bases): (out, in[, kh, kw])."""
+        return dequantized_weight(self.base_layer)
+
+    def _base_bias(self, out: torch.Tensor) -> torch.Tensor | float:
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            return 0.0
+        return bias.to(out.dtype).reshape(-1, 1, 1) if self.geometry.is_conv else bias.to(out.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        mix = current_mix()
+        if mix is None or mix.fused or len(self.adapters) == 0:
+            return out
+        weights = {n: w for n, w in mix.layer_weights(self, x.shape[0]).items() if n in self.adapters}
+        if not weights:
+            return out
+        return out + self.delta_output(x, out, weights)
+
+    def delta_output(self, x: torch.Tensor, out: torch.Tensor, weights: dict) -> torch.Tensor:
+        """sum_i w_i * D_i x. weights: name -> float or (B,) tensor."""
+        conv = self.geometry.is_conv
+        channel_dim = 1 if conv else -1
+        batch = x.shape[0]
+        low, other = [], []
+        for name, w in weights.items():
+            adapter = self.adapters[name]
+            # Dropout differs per adapter, so a training adapter with dropout runs alone.
+            dropping = self.training and isinstance(adapter.dropout, nn.Dropout)
+            (low if adapter.factors() is not None and not dropping else other).append((adapter, w))
+        delta = torch.zeros((), dtype=out.dtype, device=out.device)
+        if low:
+            pairs = [a.factors() for a, _ in low]
+            down = torch.cat([d for d, _ in pairs]).to(x.dtype)  # (R, in[, kh, kw]), R = sum of ranks
+            up = torch.cat([u for _, u in pairs], dim=1).to(x.dtype)  # (out, R[, 1, 1])
+            per_sample = any(torch.is_tensor(w) for _, w in low)
+            if per_sample:
+                cols = [(torch.as_tensor(w, dtype=x.dtype, device=x.device).expand(batch) * a.scale)[:, None]
+                        .expand(batch, a.rank) for a, w in low]
+                scales = torch.cat(cols, dim=1)  # (B, R)
+            else:
+                scales = torch.cat([torch.full((a.rank,), a.scale * w, dtype=x.dtype, device=x.device) for a, w in low])
+            h = apply_down(x, down, self.geometry.conv_args)
+            delta = apply_up(scale_rank_columns(h, scales, conv), up, conv)
+        if other:
+            base_nobias = out - self._base_bias(out)
+            for adapter, w in other:
+                d = adapter.output_delta(x, base_nobias, self.base_weight)
+                delta = delta + _per_sample(w, batch, d.dim(), channel_dim) * d
+        return delta
+
+    def delta_weight(self, weights: dict[str, float]) -> torch.Tensor | None:
+        """sum_i w_i * D_i as a weight tensor (fp32), for fusing into a float base; None if empty."""
+        w0 = None
+        total = None
+        for name, w in weights.items():
+            adapter = self.adapters[name]
+            if adapter.factors() is None and w0 is None:
+                w0 = self.base_weight().float()  # DoRA's delta depends on W0
+            d = w * adapter.delta_weight(w0).float()
+            total = d if total is None else total + d
+        return total

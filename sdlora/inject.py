@@ -1,0 +1,141 @@
+"""Which modules get wrapped, and wrapping and unwrapping them; nothing more.
+
+Targets are found by module structure and position, never by class names or name substrings:
+an attention module is one with to_q, to_k, to_v and a to_out list; a transformer block
+container is one with `transformer_blocks`; a CLIP layer has q/k/v/out_proj and an fc1/fc2 MLP.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import AdapterConfig, AdapterLayer
+from .errors import SdloraError
+
+UNET_PRESETS = ("attn", "linear", "all")
+
+
+def _is_linear_like(m: nn.Module) -> bool:
+    return hasattr(m, "in_features") and hasattr(m, "out_features") and hasattr(m, "weight")
+
+
+def _is_conv_like(m: nn.Module) -> bool:
+    return hasattr(m, "kernel_size") and hasattr(m, "in_channels") and hasattr(m, "weight")
+
+
+def _attention_projections(m: nn.Module) -> list[str]:
+    if all(hasattr(m, a) for a in ("to_q", "to_k", "to_v", "to_out")) and isinstance(m.to_out, nn.ModuleList):
+        return ["to_q", "to_k", "to_v", "to_out.0"]
+    return []
+
+
+def region_of(role: str, name: str) -> str:
+    """'unet' + 'down_blocks.1.attentions.0...' -> 'unet.down.1'; mid_block -> 'unet.mid'."""
+    parts = name.split(".")
+    if role == "unet" and len(parts) >= 2 and parts[0] in ("down_blocks", "up_blocks"):
+        return f"unet.{parts[0][:-7]}.{parts[1]}"
+    if role == "unet" and parts[0] == "mid_block":
+        return "unet.mid"
+    return role
+
+
+def unet_targets(unet: nn.Module, preset: str) -> list[str]:
+    """Module names of the UNet to wrap for a preset, in module order."""
+    if preset not in UNET_PRESETS:
+        raise SdloraError(f"unknown target preset '{preset}'", f"choose one of: {', '.join(UNET_PRESETS)}")
+    names: list[str] = []
+    for name, m in unet.named_modules():
+        prefix = f"{name}." if name else ""
+        if preset == "attn":
+            names += [prefix + p for p in _attention_projections(m)]
+        elif hasattr(m, "transformer_blocks"):
+            # Every linear layer of the transformer: attention, feed-forward, proj_in/proj_out
+            # (1x1 convolutions in SD1/SD2, linear in SDXL).
+            names += [prefix + n for n, c in m.named_modules() if n and (_is_linear_like(c) or _is_conv_like(c))]
+        if preset == "all":
+            if hasattr(m, "resnets"):
+                for i, r in enumerate(m.resnets):
+                    names += [f"{prefix}resnets.{i}.{n}" for n, c in r.named_modules()
+                              if n and (_is_conv_like(c) or _is_linear_like(c))]
+            for sampler in ("downsamplers", "upsamplers"):
+                if getattr(m, sampler, None) is not None:
+                    names += [f"{prefix}{sampler}.{i}.conv" for i in range(len(getattr(m, sampler)))]
+    return list(dict.fromkeys(names))
+
+
+def text_encoder_targets(text_encoder: nn.Module) -> list[str]:
+    """q/k/v/out projections and fc1/fc2 of every CLIP encoder layer."""
+    names: list[str] = []
+    for name, m in text_encoder.named_modules():
+        prefix = f"{name}." if name else ""
+        if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj")):
+            names += [prefix + a for a in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        if hasattr(m, "fc1") and hasattr(m, "fc2") and _is_linear_like(m.fc1):
+            names += [prefix + "fc1", prefix + "fc2"]
+    return names
+
+
+def wrap(model: nn.Module, names: list[str], role: str) -> dict[str, AdapterLayer]:
+    """Wrap each named module in an AdapterLayer (once; already wrapped ones are returned as they are)."""
+    wrapped: dict[str, AdapterLayer] = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer):
+            wrapped[name] = module
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = AdapterLayer(module, region_of(role, name))
+        if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+            parent[int(child)] = layer
+        else:
+            setattr(parent, child, layer)
+        wrapped[name] = layer
+    return wrapped
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every AdapterLayer of a model by the name of the module it wraps."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def unwrap(model: nn.Module) -> int:
+    """Put every wrapped base layer back where its wrapper stood; returns how many."""
+    layers = adapter_layers(model)
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+            parent[int(child)] = layer.base_layer
+        else:
+            setattr(parent, child, layer.base_layer)
+    return len(layers)
+
+
+def add_adapter(layers: dict[str, AdapterLayer], name: str, config: AdapterConfig, *, seed: int | None = None,
+                shared: dict | None = None) -> int:
+    """Build adapter `name` on every given layer (seeded, in layer order); returns the count.
+    `shared` holds VeRA's per-shape projections across layers and models of one pipeline."""
+    if not layers:
+        raise SdloraError(f"no layers to put adapter '{name}' on", "inject a target preset first")
+    clash = [n for n, layer in layers.items() if name in layer.adapters]
+    if clash:
+        raise SdloraError(f"adapter '{name}' is already loaded", "remove it first or choose another name")
+    gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
+    shared = {} if shared is None else shared
+    for layer in layers.values():
+        adapter = config.build(layer, gen, shared)
+        device = next(iter(layer.base_layer.parameters())).device
+        layer.add_adapter(name, adapter.to(device))
+    return len(layers)
+
+
+def remove_adapter(layers: dict[str, AdapterLayer], name: str) -> None:
+    for layer in layers.values():
+        if name in layer.adapters:
+            layer.remove_adapter(name)
+
+
+def adapter_parameters(layers: dict[str, AdapterLayer], name: str) -> list[nn.Parameter]:
+    return [p for layer in layers.values() if name in layer.adapters for p in layer.adapters[name].parameters()]

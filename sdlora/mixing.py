@@ -1,0 +1,248 @@
+"""A Mix: which adapters, with which weights, for the length of one call.
+
+    with mixer.apply(Mix({"style": 0.8, "ink": AdapterWeights(unet=0.5, text_encoder=0.0)})):
+        pipe(...)
+
+A mix means W = W0 + sum_i w_i * D_i for every adapted layer, where w_i is the adapter's UNet or
+text-encoder weight times its per-block weight, and zero outside its step range. Three modes give
+the same result:
+- fused: float bases only; sum_i w_i D_i is added into the weights on entry and the original
+  weights are copied back on exit, bit for bit (zero per-step cost);
+- unfused: the layers add sum_i w_i D_i x at every call (quantized bases, step ranges);
+- per_sample: a list of mixes, one per sample of the batch, in one forward pass; with
+  classifier-free guidance the batch is doubled and the weights follow.
+Leaving `apply` always restores the model, and a Mixer's lock keeps fused calls from overlapping
+any other call on the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .adapters.context import reset_mix, set_mix
+from .adapters.layer import AdapterLayer
+from .errors import SdloraError
+from .quant import is_quantized
+
+MODES = ("auto", "fused", "unfused", "per_sample")
+BLOCKS = ("down", "mid", "up")
+
+
+def _check_weight(value, what: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise SdloraError(f"{what} must be a number, got {value!r}", "pass a finite number such as 0.8") from None
+    if not math.isfinite(value):
+        raise SdloraError(f"{what} must be finite, got {value}", "pass a finite number such as 0.8")
+    return value
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """One adapter's weights in a mix. `blocks` multiplies the UNet weight per block group
+    (down, mid, up); `steps` = (a, b) applies the adapter from denoising step a to step b - 1."""
+
+    unet: float = 1.0
+    text_encoder: float = 1.0
+    blocks: Mapping[str, float] | None = None
+    steps: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "unet", _check_weight(self.unet, "UNet weight"))
+        object.__setattr__(self, "text_encoder", _check_weight(self.text_encoder, "text-encoder weight"))
+        if self.blocks is not None:
+            unknown = set(self.blocks) - set(BLOCKS)
+            if unknown:
+                raise SdloraError(f"unknown block group(s) {sorted(unknown)}", f"use {', '.join(BLOCKS)}")
+            object.__setattr__(self, "blocks", {k: _check_weight(v, f"block weight '{k}'") for k, v in self.blocks.items()})
+        if self.steps is not None:
+            a, b = self.steps
+            if not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b):
+                raise SdloraError(f"step range {self.steps} is not 0 <= a < b", "pass e.g. steps=(0, 10)")
+
+    def weight_for(self, region: str, step: int) -> float:
+        if self.steps is not None and not self.steps[0] <= step < self.steps[1]:
+            return 0.0
+        if not region.startswith("unet"):
+            return self.text_encoder
+        w = self.unet
+        if self.blocks is not None:
+            group = region.split(".")[1] if "." in region else None
+            w *= self.blocks.get(group, 1.0) if group in BLOCKS else 1.0
+        return w
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Adapter name -> weights. A bare number means the same weight for UNet and text encoder."""
+
+    adapters: Mapping[str, AdapterWeights] = field(default_factory=dict)
+
+    def __post_init__(self):
+        norm = {}
+        for name, w in dict(self.adapters).items():
+            if isinstance(w, AdapterWeights):
+                norm[name] = w
+            else:
+                v = _check_weight(w, f"weight of adapter '{name}'")
+                norm[name] = AdapterWeights(unet=v, text_encoder=v)
+        object.__setattr__(self, "adapters", norm)
+
+    @property
+    def has_step_ranges(self) -> bool:
+        return any(w.steps is not None for w in self.adapters.values())
+
+
+class _RWLock:
+    """Many unfused calls share the base weights; a fused call owns them alone."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class ActivePlan:
+    """What the layers read during a call (see adapters/context.py)."""
+
+    def __init__(self, mixes: list[Mix], per_sample: bool, fused: bool):
+        self.mixes = mixes
+        self.per_sample = per_sample
+        self.fused = fused
+        self.step = 0  # the denoising step about to run; generation advances it
+
+    def layer_weights(self, layer: AdapterLayer, batch: int) -> dict:
+        if not self.per_sample:
+            return {n: w.weight_for(layer.region, self.step) for n, w in self.mixes[0].adapters.items()}
+        n = len(self.mixes)
+        if batch % n:
+            raise SdloraError(f"a batch of {batch} cannot carry {n} per-sample mixes",
+                              "pass one mix per prompt; guidance doubles the batch by itself")
+        names = {a for m in self.mixes for a in m.adapters}
+        out = {}
+        for name in names:
+            ws = [m.adapters[name].weight_for(layer.region, self.step) if name in m.adapters else 0.0 for m in self.mixes]
+            # Guidance concatenates [uncond; cond]: the weights repeat over the doubled batch.
+            out[name] = torch.tensor(ws, dtype=torch.float32).repeat(batch // n)
+        return out
+
+
+class Mixer:
+    """Applies mixes to a set of adapted models (a pipeline's UNet and text encoders)."""
+
+    def __init__(self, models: Mapping[str, nn.Module]):
+        self.models = dict(models)
+        self._lock = _RWLock()
+
+    def layers(self) -> dict[str, AdapterLayer]:
+        return {f"{role}.{name}": m for role, model in self.models.items()
+                for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+    def loaded(self) -> set[str]:
+        return {n for layer in self.layers().values() for n in layer.adapters}
+
+    def choose_mode(self, mixes: list[Mix], mode: str) -> str:
+        if mode not in MODES:
+            raise SdloraError(f"unknown mix mode '{mode}'", f"choose one of: {', '.join(MODES)}")
+        if mode != "auto":
+            return mode
+        if len(mixes) > 1:
+            return "per_sample"
+        if mixes[0].has_step_ranges or any(is_quantized(layer.base_layer) for layer in self.layers().values()):
+            return "unfused"
+        return "fused"
+
+    def _validate(self, mixes: list[Mix], mode: str) -> None:
+        loaded = self.loaded()
+        for mix in mixes:
+            missing = sorted(set(mix.adapters) - loaded)
+            if missing:
+                raise SdloraError(f"the mix names adapter(s) not loaded: {', '.join(missing)}",
+                                  f"load them first; loaded: {', '.join(sorted(loaded)) or 'none'}")
+        if mode == "fused":
+            if len(mixes) > 1 or mixes[0].has_step_ranges:
+                raise SdloraError("a fused mix cannot hold per-sample mixes or step ranges", "use mode='unfused'")
+            quantized = [n for n, layer in self.layers().items() if is_quantized(layer.base_layer)]
+            if quantized:
+                raise SdloraError(f"cannot fuse into a quantized base ({quantized[0]} is quantized)", "use mode='unfused'")
+        if mode == "per_sample" and len(mixes) < 1:
+            raise SdloraError("per-sample mode needs one mix per sample", "pass a list of mixes")
+
+    @contextmanager
+    def apply(self, mix: Mix | list[Mix] | None, mode: str = "auto"):
+        """Apply `mix` (or a list: one per sample) for the body of the with-statement; yields the plan."""
+        mixes = [mix or Mix()] if not isinstance(mix, (list, tuple)) else list(mix)
+        if not mixes:
+            mixes = [Mix()]
+        mode = self.choose_mode(mixes, mode)
+        self._validate(mixes, mode)
+        plan = ActivePlan(mixes, per_sample=mode == "per_sample", fused=mode == "fused")
+        if mode == "fused":
+            with self._lock.write(), torch.no_grad():
+                saved = self._fuse(mixes[0])
+                token = set_mix(plan)
+                try:
+                    yield plan
+                finally:
+                    reset_mix(token)
+                    for weight, original in saved:
+                        weight.data.copy_(original)  # the exact original bits, not W - delta
+        else:
+            with self._lock.read():
+                token = set_mix(plan)
+                try:
+                    yield plan
+                finally:
+                    reset_mix(token)
+
+    def _fuse(self, mix: Mix) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        saved = []
+        try:
+            for layer in self.layers().values():
+                weights = {n: w.weight_for(layer.region, 0) for n, w in mix.adapters.items() if n in layer.adapters}
+                weights = {n: w for n, w in weights.items() if w != 0.0}
+                if not weights:
+                    continue
+                delta = layer.delta_weight(weights)
+                weight = layer.base_layer.weight
+                saved.append((weight, weight.data.clone()))
+                weight.data.add_(delta.to(weight.dtype))
+        except BaseException:
+            for weight, original in saved:
+                weight.data.copy_(original)
+            raise
+        return saved

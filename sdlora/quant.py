@@ -1,0 +1,210 @@
+"""Quantize a model's frozen base layers through bitsandbytes; the only module that imports it.
+
+Linear layers become bitsandbytes Linear4bit (NF4 or FP4, optionally double-quantized: the
+per-block absmax constants are themselves quantized to 8 bits) or Linear8bitLt (int8, one scale
+per output row). Beyond what the peers do, Conv2d layers can become NF4 too (QuantConv2d: the
+weight is stored as NF4 and dequantized on the fly for each call), since convolutions hold most
+of an SD UNet's weights. bitsandbytes quantizes a parameter when it is moved with .to(device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SdloraError
+
+QUANT_MODES = ("nf4", "fp4", "int8")
+
+
+def _bnb():
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional CPU kernel notice
+    import bitsandbytes as bnb
+
+    return bnb
+
+
+def _params4bit(weight: torch.Tensor, quant_type: str, double_quant: bool):
+    bnb = _bnb()
+    return bnb.nn.Params4bit(weight.detach().clone(), requires_grad=False, compress_statistics=double_quant,
+                             quant_type=quant_type)
+
+
+class QuantConv2d(nn.Module):
+    """A Conv2d whose weight (out, in, kh, kw) is held as 4-bit blocks of the flattened
+    (out, in*kh*kw) matrix, dequantized to the compute dtype at every call."""
+
+    def __init__(self, conv: nn.Conv2d, quant_type: str = "nf4", double_quant: bool = True,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise SdloraError(f"cannot quantize {conv}: grouped or non-zero-padded convolutions are not supported",
+                              "leave this layer in float (quantize with convs=False)")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        self.groups, self.padding_mode = 1, "zeros"
+        self.compute_dtype = compute_dtype
+        self.weight = _params4bit(conv.weight.reshape(conv.out_channels, -1), quant_type, double_quant)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def dequantize(self) -> torch.Tensor:
+        bnb = _bnb()
+        flat = bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
+        return flat.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype if x.dtype == torch.float32 else x.dtype
+        w = self.dequantize().to(dtype)
+        b = None if self.bias is None else self.bias.to(dtype)
+        return F.conv2d(x.to(dtype), w, b, self.stride, self.padding, self.dilation).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, 4-bit"
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    bnb = _bnb()
+    return isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, QuantConv2d))
+
+
+def quantize_linear(layer: nn.Linear, mode: str, double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    bnb = _bnb()
+    has_bias = layer.bias is not None
+    if mode in ("nf4", "fp4"):
+        q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=has_bias, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type=mode)
+        q.weight = _params4bit(layer.weight, mode, double_quant)
+        # On AVX512-BF16 CPUs bitsandbytes repacks the weight in place at the first eval-mode call,
+        # undoing double quantization (absmax back to fp32) and changing the layout that
+        # dequantize_4bit reads. Keep the standard layout: the memory figures and DoRA rely on it.
+        q.support_avx512bf16_for_cpu = False
+    elif mode == "int8":
+        # threshold 0: no outlier decomposition, so the layer is pure int8 (what the memory figures claim).
+        q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=has_bias, has_fp16_weights=False,
+                                threshold=0.0)
+        q.weight = bnb.nn.Int8Params(layer.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        raise SdloraError(f"unknown quantization '{mode}'", f"choose one of: {', '.join(QUANT_MODES)} (or none)")
+    if has_bias:
+        q.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return q.to(device)  # bitsandbytes quantizes here
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a layer computes with, as a float tensor: (out, in) or (out, in, kh, kw)."""
+    if isinstance(layer, QuantConv2d):
+        return layer.dequantize()
+    bnb = _bnb()
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return bnb.functional.int8_vectorwise_dequant(layer.weight.data, int8_row_scales(layer))
+    return layer.weight
+
+
+def int8_row_scales(layer: nn.Module) -> torch.Tensor:
+    """Linear8bitLt's per-row absmax (out,): on the weight until the first forward, which moves
+    it to the layer's matmul state."""
+    scb = getattr(layer.weight, "SCB", None)
+    return scb if scb is not None else layer.state.SCB
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    linear: int  # layers quantized
+    conv: int
+    params: int  # parameters of the whole model, counted as float weights
+    resident_bytes: int  # bytes the model's tensors hold now, quantization constants included
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.resident_bytes / self.params
+
+    def __str__(self) -> str:
+        return (f"{self.linear} linear and {self.conv} conv layers quantized; {self.params:,} parameters in "
+                f"{self.resident_bytes:,} bytes = {self.bits_per_param:.2f} bits per parameter")
+
+
+def _quant_state_bytes(state) -> int:
+    if state is None:
+        return 0
+    total = state.absmax.numel() * state.absmax.element_size() + state.code.numel() * state.code.element_size()
+    if getattr(state, "nested", False) and state.state2 is not None:
+        s2 = state.state2
+        total += s2.absmax.numel() * s2.absmax.element_size() + s2.code.numel() * s2.code.element_size()
+        total += 4  # the fp32 offset
+    return total
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, with bitsandbytes' quantization constants
+    (absmax per block, the NF4 code book, int8 row scales) that live outside the parameters."""
+    bnb = _bnb()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        total += t.numel() * t.element_size()
+        total += _quant_state_bytes(getattr(t, "quant_state", None))
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            scb = int8_row_scales(m)
+            total += scb.numel() * scb.element_size()
+    return total
+
+
+def _float_param_count(model: nn.Module) -> int:
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantConv2d):
+            n += m.out_channels * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            n += 0 if m.bias is None else m.bias.numel()
+        elif hasattr(m, "in_features") and is_quantized(m):
+            n += m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
+        else:
+            n += sum(p.numel() for p in m.parameters(recurse=False))
+    return n
+
+
+def quantize_model(model: nn.Module, mode: str = "nf4", *, double_quant: bool = True, convs: bool = False,
+                   compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   min_features: int = 16) -> QuantReport:
+    """Replace the model's Linear layers (and, with convs=True, its Conv2d layers, in NF4) in place.
+
+    Layers narrower than `min_features` stay float: their blocks would be mostly padding. The
+    model must not hold adapters yet (quantize the base, then inject) nor be quantized already.
+    """
+    from .adapters.layer import AdapterLayer
+
+    if mode not in QUANT_MODES:
+        raise SdloraError(f"unknown quantization '{mode}'", f"choose one of: {', '.join(QUANT_MODES)} (or none)")
+    for name, m in model.named_modules():
+        if is_quantized(m):
+            raise SdloraError(f"{type(model).__name__} is already quantized ({name or 'root'} is {type(m).__name__})",
+                              "quantize a float model once; reload the base to change the quantization")
+        if isinstance(m, AdapterLayer):
+            raise SdloraError(f"{type(model).__name__} already holds adapters ({name})",
+                              "quantize the base first, then inject adapters")
+    n_lin = n_conv = 0
+    targets = [(name, m) for name, m in model.named_modules()
+               if (type(m) is nn.Linear or (convs and type(m) is nn.Conv2d))]
+    for name, m in targets:
+        small = (m.in_features if isinstance(m, nn.Linear) else m.in_channels) < min_features
+        if small:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(m, nn.Linear):
+            q = quantize_linear(m, mode, double_quant, compute_dtype, device)
+            n_lin += 1
+        else:
+            q = QuantConv2d(m, "nf4" if mode == "int8" else mode, double_quant, compute_dtype).to(device)
+            n_conv += 1
+        setattr(parent, child, q)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return QuantReport(n_lin, n_conv, _float_param_count(model), resident_bytes(model))

@@ -1,0 +1,60 @@
+"""Tiny models and adapter set-up shared by the core tests (no diffusers needed)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from sdlora.adapters import AdapterConfig
+from sdlora.inject import add_adapter, wrap
+from sdlora.quant import quantize_model
+
+
+def mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48))
+
+
+def convnet(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(4, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 16, 3, stride=2, padding=1))
+
+
+def base_model(kind: str, quant: str | None, seed: int = 0) -> nn.Sequential:
+    model = mlp(seed) if kind == "linear" else convnet(seed)
+    if quant:
+        quantize_model(model, quant, convs=kind == "conv")
+    return model.eval()
+
+
+def randomize(layers, name: str, seed: int, std: float = 0.2) -> None:
+    """Give adapter `name` non-trivial weights (a fresh adapter is the identity)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            for p in layer.adapters[name].parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+def adapted(kind: str, quant: str | None, methods: dict[str, str], seed: int = 0, rank: int = 4):
+    """A model with one randomised adapter per entry of methods (adapter name -> method)."""
+    model = base_model(kind, quant, seed)
+    layers = wrap(model, ["0", "2"], "unet")
+    for i, (name, method) in enumerate(methods.items()):
+        add_adapter(layers, name, AdapterConfig(method=method, rank=rank, alpha=2.0 * rank, seed=i))
+        randomize(layers, name, seed=100 + i)
+    return model, layers
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+def same_bits(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def clone(model):
+    return copy.deepcopy(model)

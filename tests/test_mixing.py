@@ -1,0 +1,173 @@
+"""Mixing invariants (as in diffusers' LoRA tests): exact restore, modes agree, per-sample batches."""
+
+import random
+
+import pytest
+import torch
+
+from sdlora.adapters import AdapterConfig
+from sdlora.errors import SdloraError
+from sdlora.inject import add_adapter, wrap
+from sdlora.mixing import AdapterWeights, Mix, Mixer
+from tests.core_helpers import adapted, base_model, same_bits, snapshot
+
+X = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+XC = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "vera"])
+@pytest.mark.parametrize("quant", [None, "nf4", "int8"])
+def test_fresh_adapter_and_weight_zero_give_the_base_exactly(method, quant):
+    model = base_model("linear", quant)
+    with torch.no_grad():
+        expected = model(X)
+    layers = wrap(model, ["0", "2"], "unet")
+    add_adapter(layers, "fresh", AdapterConfig(method=method, rank=4))
+    mixer = Mixer({"unet": model})
+    with torch.no_grad():
+        assert torch.equal(model(X), expected)  # no mix: no adapters
+        with mixer.apply(Mix({"fresh": 1.0}), mode="unfused"):
+            fresh = model(X)
+        from tests.core_helpers import randomize
+
+        randomize(layers, "fresh", seed=1)
+        with mixer.apply(Mix({"fresh": 0.0})):
+            zero = model(X)
+    assert torch.equal(zero, expected)
+    if method == "vera":  # VeRA's b starts at zero, so the delta is exactly zero
+        assert torch.equal(fresh, expected)
+    else:  # up starts at zero (LoRA), magnitude = ||W0|| (DoRA): zero up to rounding
+        torch.testing.assert_close(fresh, expected, atol=1e-6, rtol=0)
+
+
+def test_100_random_fused_mixes_leave_the_base_bit_for_bit():
+    model, _ = adapted("linear", None, {"a": "lora", "b": "dora", "c": "vera"})
+    before = snapshot(model)
+    mixer = Mixer({"unet": model})
+    rng = random.Random(0)
+    for _ in range(100):
+        mix = Mix({n: rng.uniform(-2, 2) for n in rng.sample(["a", "b", "c"], rng.randint(1, 3))})
+        with torch.no_grad(), mixer.apply(mix, mode="fused"):
+            model(X)
+    assert same_bits(before, snapshot(model))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_fused_equals_unfused(kind):
+    methods = {"a": "lora", "b": "dora"} if kind == "conv" else {"a": "lora", "b": "dora", "c": "vera"}
+    model, _ = adapted(kind, None, methods)
+    mix = Mix({n: 0.3 + 0.4 * i for i, n in enumerate(methods)})
+    x = X if kind == "linear" else XC
+    mixer = Mixer({"unet": model})
+    with torch.no_grad():
+        with mixer.apply(mix, mode="fused"):
+            fused = model(x)
+        with mixer.apply(mix, mode="unfused"):
+            unfused = model(x)
+        assert (fused - model(x)).abs().max() > 1e-3
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_concatenated_rank_equals_sum_of_separate_adapters(quant):
+    """One pair of matmuls over ranks 4+4+4 equals adding each adapter's own delta."""
+    model, layers = adapted("linear", quant, {"a": "lora", "b": "lora", "c": "vera"})
+    layer = layers["0"]
+    weights = {"a": 0.7, "b": -0.4, "c": 1.3}
+    with torch.no_grad():
+        out = layer.base_layer(X)
+        together = layer.delta_output(X, out, weights)
+        separate = sum(w * layer.adapters[n].output_delta(X, out, layer.base_weight) for n, w in weights.items())
+    torch.testing.assert_close(together, separate, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_per_sample_batch_equals_each_sample_alone(quant, guidance):
+    model, _ = adapted("linear", quant, {"a": "lora", "b": "dora", "c": "vera"})
+    mixes = [Mix({"a": 1.0}), Mix({"b": 0.5, "c": 1.5}), Mix({}), Mix({"a": -0.5, "b": 1.0, "c": 0.2})]
+    x = torch.cat([X, X * 0.5]) if guidance else X  # guidance doubles the batch: [uncond; cond]
+    mixer = Mixer({"unet": model})
+    with torch.no_grad():
+        with mixer.apply(mixes):
+            batched = model(x)
+        for i, mix in enumerate(mixes):
+            rows = [i, i + len(mixes)] if guidance else [i]
+            with mixer.apply(mix, mode="unfused"):
+                alone = model(x[rows])
+            torch.testing.assert_close(batched[rows], alone, atol=1e-5, rtol=0)
+
+
+def test_block_weights_and_step_ranges():
+    w = AdapterWeights(unet=0.8, text_encoder=0.3, blocks={"down": 0.5, "up": 0.0}, steps=(2, 5))
+    assert w.weight_for("unet.down.1", 2) == pytest.approx(0.4)
+    assert w.weight_for("unet.up.0", 3) == 0.0
+    assert w.weight_for("unet.mid", 4) == pytest.approx(0.8)
+    assert w.weight_for("text_encoder", 2) == pytest.approx(0.3)
+    assert w.weight_for("unet.down.1", 5) == 0.0 and w.weight_for("unet.down.1", 1) == 0.0
+
+
+def test_a_step_range_switches_the_adapter_on_and_off():
+    model, _ = adapted("linear", None, {"a": "lora"})
+    mixer = Mixer({"unet": model})
+    with torch.no_grad():
+        base = model(X)
+        with mixer.apply(Mix({"a": AdapterWeights(steps=(1, 2))})) as plan:
+            assert plan.fused is False  # step ranges run unfused
+            outs = []
+            for step in range(3):
+                plan.step = step
+                outs.append(model(X))
+    assert torch.equal(outs[0], base) and torch.equal(outs[2], base)
+    assert (outs[1] - base).abs().max() > 1e-3
+
+
+def test_mixes_in_threads_do_not_leak():
+    """Each thread sees only the mix its own call set (a ContextVar, not module state)."""
+    import threading
+
+    model, _ = adapted("linear", "nf4", {"a": "lora", "b": "lora"})
+    mixer = Mixer({"unet": model})
+    with torch.no_grad():
+        expected = {}
+        for name in ("a", "b"):
+            with mixer.apply(Mix({name: 1.0})):
+                expected[name] = model(X)
+    results, barrier = {}, threading.Barrier(2)
+
+    def run(name):
+        with torch.no_grad(), mixer.apply(Mix({name: 1.0})):
+            barrier.wait()  # both mixes are active at once
+            results[name] = [model(X) for _ in range(20)]
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for name in ("a", "b"):
+        assert all(torch.equal(r, expected[name]) for r in results[name])
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda m: m.apply(Mix({"nope": 1.0})), "not loaded: nope"),
+        (lambda m: m.apply(Mix({"a": float("nan")})), "must be finite"),
+        (lambda m: m.apply(Mix({"a": AdapterWeights(blocks={"left": 1.0})})), "unknown block group"),
+        (lambda m: m.apply(Mix({"a": 1.0}), mode="sideways"), "unknown mix mode"),
+    ],
+)
+def test_bad_mixes_are_refused_and_change_nothing(make, message):
+    model, _ = adapted("linear", None, {"a": "lora"})
+    before = snapshot(model)
+    mixer = Mixer({"unet": model})
+    with pytest.raises(SdloraError, match=message):
+        with make(mixer):
+            pass
+    assert same_bits(before, snapshot(model))
+
+
+def test_fusing_a_quantized_base_is_refused():
+    model, _ = adapted("linear", "nf4", {"a": "lora"})
+    with pytest.raises(SdloraError, match="cannot fuse into a quantized base"):
+        with Mixer({"unet": model}).apply(Mix({"a": 1.0}), mode="fused"):
+            pass
