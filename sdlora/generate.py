@@ -95,7 +95,8 @@ class Generated:
         return info
 
 
-def _call_pipeline(base: Base, settings: GenerateSettings, prompt: str, width: int, height: int, on_step):
+def _call_pipeline(base: Base, settings: GenerateSettings, prompt: str, width: int, height: int, on_step,
+                   mix=None):
     """One batch of `num` pictures for one prompt. A fresh pipeline object around the shared
     modules carries its own scheduler, so concurrent calls do not share scheduler state."""
     components = dict(base.pipe.components)
@@ -110,6 +111,16 @@ def _call_pipeline(base: Base, settings: GenerateSettings, prompt: str, width: i
     # Initial noise drawn on the CPU for every device, so a seed gives the same picture everywhere.
     shape = (settings.num, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     latents = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(device, pipe.unet.dtype)
+    with base.mixer.apply(mix) as plan:
+        def step_end(p, i, t, kw):
+            plan.step = i + 1  # step ranges of the mix count denoising steps from 0
+            on_step()
+            return kw
+
+        return _run(pipe, settings, prompt, width, height, gens, latents, step_end)
+
+
+def _run(pipe, settings, prompt, width, height, gens, latents, step_end):
     out = pipe(
         prompt=[prompt] * settings.num,
         negative_prompt=[settings.negative] * settings.num if settings.negative else None,
@@ -119,14 +130,15 @@ def _call_pipeline(base: Base, settings: GenerateSettings, prompt: str, width: i
         height=height,
         generator=gens,
         latents=latents,
-        callback_on_step_end=lambda p, i, t, kw: (on_step(), kw)[1],
+        callback_on_step_end=step_end,
     )
     return out.images
 
 
 @torch.inference_mode()
-def generate(base: Base, settings: GenerateSettings, progress: bool = True) -> list[Generated]:
-    """Pictures for every prompt of `settings`, `num` each, in prompt-major order."""
+def generate(base: Base, settings: GenerateSettings, progress: bool = True, mix=None) -> list[Generated]:
+    """Pictures for every prompt of `settings`, `num` each, in prompt-major order, with the
+    adapters of `mix` (a mixing.Mix) applied for the length of the call."""
     from tqdm.auto import tqdm
 
     width = settings.width or base.native_size
@@ -135,7 +147,7 @@ def generate(base: Base, settings: GenerateSettings, progress: bool = True) -> l
     results: list[Generated] = []
     with tqdm(total=total, desc="generating", unit="step", disable=not progress) as bar:
         for prompt in settings.prompts:
-            images = _call_pipeline(base, settings, prompt, width, height, lambda: bar.update(1))
+            images = _call_pipeline(base, settings, prompt, width, height, lambda: bar.update(1), mix)
             results += [Generated(im, prompt, settings.seed + k, settings, base.source) for k, im in enumerate(images)]
     return results
 

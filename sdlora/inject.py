@@ -17,11 +17,25 @@ UNET_PRESETS = ("attn", "linear", "all")
 
 
 def _is_linear_like(m: nn.Module) -> bool:
+    if isinstance(m, AdapterLayer):
+        return not m.geometry.is_conv
     return hasattr(m, "in_features") and hasattr(m, "out_features") and hasattr(m, "weight")
 
 
 def _is_conv_like(m: nn.Module) -> bool:
+    if isinstance(m, AdapterLayer):
+        return m.geometry.is_conv
     return hasattr(m, "kernel_size") and hasattr(m, "in_channels") and hasattr(m, "weight")
+
+
+def _walk(module: nn.Module, prefix: str = ""):
+    """named_modules() that treats an AdapterLayer as a leaf, so injecting twice finds the
+    wrapper where the base layer was, never the base layer inside it."""
+    yield prefix, module
+    if isinstance(module, AdapterLayer):
+        return
+    for name, child in module.named_children():
+        yield from _walk(child, f"{prefix}.{name}" if prefix else name)
 
 
 def _attention_projections(m: nn.Module) -> list[str]:
@@ -45,18 +59,18 @@ def unet_targets(unet: nn.Module, preset: str) -> list[str]:
     if preset not in UNET_PRESETS:
         raise SdloraError(f"unknown target preset '{preset}'", f"choose one of: {', '.join(UNET_PRESETS)}")
     names: list[str] = []
-    for name, m in unet.named_modules():
+    for name, m in _walk(unet):
         prefix = f"{name}." if name else ""
         if preset == "attn":
             names += [prefix + p for p in _attention_projections(m)]
         elif hasattr(m, "transformer_blocks"):
             # Every linear layer of the transformer: attention, feed-forward, proj_in/proj_out
             # (1x1 convolutions in SD1/SD2, linear in SDXL).
-            names += [prefix + n for n, c in m.named_modules() if n and (_is_linear_like(c) or _is_conv_like(c))]
+            names += [prefix + n for n, c in _walk(m) if n and (_is_linear_like(c) or _is_conv_like(c))]
         if preset == "all":
             if hasattr(m, "resnets"):
                 for i, r in enumerate(m.resnets):
-                    names += [f"{prefix}resnets.{i}.{n}" for n, c in r.named_modules()
+                    names += [f"{prefix}resnets.{i}.{n}" for n, c in _walk(r)
                               if n and (_is_conv_like(c) or _is_linear_like(c))]
             for sampler in ("downsamplers", "upsamplers"):
                 if getattr(m, sampler, None) is not None:
@@ -67,7 +81,7 @@ def unet_targets(unet: nn.Module, preset: str) -> list[str]:
 def text_encoder_targets(text_encoder: nn.Module) -> list[str]:
     """q/k/v/out projections and fc1/fc2 of every CLIP encoder layer."""
     names: list[str] = []
-    for name, m in text_encoder.named_modules():
+    for name, m in _walk(text_encoder):
         prefix = f"{name}." if name else ""
         if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj")):
             names += [prefix + a for a in ("q_proj", "k_proj", "v_proj", "out_proj")]

@@ -182,6 +182,8 @@ class Mixer:
             return mode
         if len(mixes) > 1:
             return "per_sample"
+        if not mixes[0].adapters:
+            return "unfused"  # nothing to fuse: do not take the exclusive lock
         if mixes[0].has_step_ranges or any(is_quantized(layer.base_layer) for layer in self.layers().values()):
             return "unfused"
         return "fused"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,17 +28,62 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass
 class Base:
-    """A loaded base pipeline and what we know of it."""
+    """A loaded base pipeline and what we know of it; quantize it, inject adapters, mix them."""
 
     pipe: object  # StableDiffusionPipeline | StableDiffusionXLPipeline
     family: str  # one of FAMILIES
     source: str  # the name the user gave
     kind: str  # "embedded" | "folder" | "single_file" | "hub"
+    quant: str | None = None
+    _mixer: object = field(default=None, repr=False)
 
     @property
     def native_size(self) -> int:
         """The picture side the UNet was trained at: latent side x VAE factor (64 for embedded)."""
         return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+    def models(self) -> dict:
+        """The adaptable models by role: unet, text_encoder and (SDXL) text_encoder_2."""
+        roles = ("unet", "text_encoder", "text_encoder_2")
+        return {r: getattr(self.pipe, r) for r in roles if getattr(self.pipe, r, None) is not None}
+
+    @property
+    def mixer(self):
+        """The one Mixer of this base: its lock keeps fused calls from overlapping other calls."""
+        from .mixing import Mixer
+
+        if self._mixer is None:
+            self._mixer = Mixer(self.models())
+        return self._mixer
+
+    def quantize(self, mode: str, *, convs: bool = True, compute_dtype: torch.dtype = torch.float32) -> dict:
+        """Quantize the UNet (linear layers, and with convs=True its convolutions in NF4) and the
+        text encoders (linear layers) in place; the VAE stays float. Returns a QuantReport per role."""
+        from .quant import quantize_model
+
+        device = self.pipe.unet.device
+        reports = {role: quantize_model(model, mode, convs=convs and role == "unet", compute_dtype=compute_dtype,
+                                        device=device)
+                   for role, model in self.models().items()}
+        self.quant = mode
+        return reports
+
+    def add_adapter(self, name: str, config, *, targets: str = "attn", text_encoder: bool = False) -> int:
+        """Wrap the preset's UNet layers (and the text encoders' with text_encoder=True) and build
+        adapter `name` on them; VeRA goes on linear layers only. Returns the number of layers."""
+        from .inject import add_adapter, text_encoder_targets, unet_targets, wrap
+
+        total = 0
+        shared: dict = {}  # VeRA's projections, one pair per shape across the whole pipeline
+        for role, model in self.models().items():
+            if role != "unet" and not text_encoder:
+                continue
+            names = unet_targets(model, targets) if role == "unet" else text_encoder_targets(model)
+            layers = wrap(model, names, role)
+            if config.method == "vera":
+                layers = {n: layer for n, layer in layers.items() if not layer.geometry.is_conv}
+            total += add_adapter(layers, name, config, seed=config.seed + len(role), shared=shared)
+        return total
 
 
 def embedded_path() -> Path:
@@ -196,4 +241,8 @@ def load_base(base: str = EMBEDDED, *, dtype: torch.dtype = torch.float32, devic
             )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            model.requires_grad_(False)  # the base is frozen: only adapters ever train
     return Base(pipe=pipe, family=family, source=base, kind=kind)

@@ -171,3 +171,35 @@ def test_fusing_a_quantized_base_is_refused():
     with pytest.raises(SdloraError, match="cannot fuse into a quantized base"):
         with Mixer({"unet": model}).apply(Mix({"a": 1.0}), mode="fused"):
             pass
+
+
+@pytest.mark.parametrize("method, b_names", [("lora", {"up"}), ("dora", {"up"}), ("vera", {"vera_b"})])
+def test_loraplus_groups_give_b_the_higher_rate(method, b_names):
+    from sdlora.adapters.optim import param_groups
+
+    model, layers = adapted("linear", None, {"a": method})
+    groups = param_groups(layers, "a", lr=1e-3, loraplus_ratio=16)
+    assert [g["lr"] for g in groups] == [1e-3, 16e-3]
+    names = {id(p): n.rsplit(".", 1)[-1] for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in groups[1]["params"]} == b_names
+    assert not {names[id(p)] for p in groups[0]["params"]} & b_names
+    n_trainable = sum(1 for n, p in model.named_parameters() if ".adapters.a." in n)
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == n_trainable
+    with pytest.raises(SdloraError, match="LoRA\\+ ratio must be at least 1"):
+        param_groups(layers, "a", lr=1e-3, loraplus_ratio=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant", [None, "nf4", "int8"])
+def test_half_precision_compute(quant, dtype):
+    """Adapters keep fp32 parameters; the layer computes in the input's dtype."""
+    model, layers = adapted("linear", quant, {"a": "lora", "b": "dora"})
+    with torch.no_grad(), Mixer({"unet": model}).apply(Mix({"a": 1.0, "b": 0.5}), mode="unfused"):
+        ref = model(X)
+        if quant is None:
+            for layer in layers.values():
+                layer.base_layer.to(dtype)
+        out = model(X.to(dtype))
+    assert out.dtype == dtype
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".adapters." in n)
+    assert ((out.float() - ref).norm() / ref.norm()) < 0.05

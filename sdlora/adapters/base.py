@@ -61,6 +61,10 @@ class Adapter(nn.Module):
         """The (down, up) low-rank pair of the method (DoRA: its inner LoRA)."""
         raise NotImplementedError
 
+    def b_side(self) -> list[nn.Parameter]:
+        """The parameters LoRA+ trains at the higher learning rate (B, the up projection)."""
+        raise NotImplementedError
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(down, up) when D is exactly scale * up @ down, so the layer may concatenate ranks."""
         return self.pair() if self.low_rank else None

@@ -50,5 +50,8 @@ class LoraAdapter(Adapter):
     def pair(self):
         return self.down, self.up
 
+    def b_side(self):
+        return [self.up]
+
     def delta_weight(self, w0: torch.Tensor | None = None) -> torch.Tensor:
         return lora_delta(self.down, self.up, self.scale)

@@ -44,6 +44,9 @@ class VeraAdapter(Adapter):
         self.vera_d = nn.Parameter(torch.full((rank,), float(d_initial)))
         self.vera_b = nn.Parameter(torch.zeros(geometry.out_features))
 
+    def b_side(self):
+        return [self.vera_b]
+
     def pair(self):
         return vera_factors(self.shared_a, self.shared_b, self.vera_d, self.vera_b)
 

@@ -1,0 +1,119 @@
+"""bitsandbytes quantization: what it stores, what it computes, what it refuses."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sdlora.adapters import AdapterConfig
+from sdlora.errors import SdloraError
+from sdlora.inject import adapter_parameters, add_adapter, wrap
+from sdlora.mixing import Mix, Mixer
+from sdlora.quant import QuantConv2d, dequantized_weight, quantize_model, resident_bytes
+from tests.core_helpers import same_bits, snapshot
+
+
+def big_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+
+
+@pytest.mark.parametrize("mode, double_quant, low, high", [
+    # 4 bits + 8-bit absmax per 64 weights (0.125) + fp32 per 256 blocks; on a model this small the
+    # fp32 biases (0.09) and each layer's 1 KB nested code book (0.06) add about 0.15 more.
+    ("nf4", True, 4.1, 4.35),
+    ("nf4", False, 4.5, 4.7),  # 4 bits + fp32 absmax per 64 (0.5) + biases
+    ("int8", True, 8.0, 8.5),   # 8 bits + fp32 scale per row
+])
+def test_bits_per_parameter(mode, double_quant, low, high):
+    model = big_mlp()
+    report = quantize_model(model, mode, double_quant=double_quant)
+    assert report.linear == 2 and report.params == 256 * 512 * 2 + 512 + 256
+    assert low <= report.bits_per_param <= high, str(report)
+    assert resident_bytes(model) == report.resident_bytes
+
+
+@pytest.mark.parametrize("mode, tol", [("nf4", 0.16), ("fp4", 0.25), ("int8", 0.02)])
+def test_quantized_layers_stay_close_to_float(mode, tol):
+    ref = big_mlp()
+    model = big_mlp()
+    quantize_model(model, mode)
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        err = (model(x) - ref(x)).norm() / ref(x).norm()
+    assert err < tol, float(err)
+
+
+def test_nf4_conv_dequantizes_on_the_fly():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 32, 3, stride=2, padding=1)
+    q = QuantConv2d(conv).to("cpu")
+    x = torch.randn(2, 64, 8, 8)
+    with torch.no_grad():
+        exact = nn.functional.conv2d(x, dequantized_weight(q), conv.bias, 2, 1)
+        assert torch.allclose(q(x), exact, atol=1e-5)
+        assert ((q(x) - conv(x)).norm() / conv(x).norm()) < 0.12
+    assert q.weight.dtype == torch.uint8 and q.weight.numel() == 64 * 32 * 9 // 2
+
+
+def test_optimizer_step_changes_only_the_adapter():
+    model = big_mlp()
+    quantize_model(model, "nf4")
+    frozen = snapshot(model)
+    layers = wrap(model, ["0", "2"], "unet")
+    add_adapter(layers, "a", AdapterConfig(rank=4))
+    params = adapter_parameters(layers, "a")
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    with Mixer({"unet": model}).apply(Mix({"a": 1.0})):
+        model(torch.randn(4, 256)).pow(2).mean().backward()
+    assert all(p.grad is not None for p in params)
+    assert all(p.grad is None for n, p in model.named_parameters() if ".adapters." not in n)
+    opt.step()
+    base_now = {k.replace(".base_layer", ""): v for k, v in snapshot(model).items() if ".adapters." not in k}
+    assert same_bits(frozen, base_now)
+
+
+def test_quantizing_twice_or_after_injection_is_refused():
+    model = big_mlp()
+    quantize_model(model, "nf4")
+    with pytest.raises(SdloraError, match="already quantized"):
+        quantize_model(model, "int8")
+    other = big_mlp()
+    wrap(other, ["0"], "unet")
+    with pytest.raises(SdloraError, match="already holds adapters"):
+        quantize_model(other, "nf4")
+    with pytest.raises(SdloraError, match="unknown quantization 'nf3'"):
+        quantize_model(big_mlp(), "nf3")
+
+
+def test_grouped_convolutions_cannot_be_quantized():
+    with pytest.raises(SdloraError, match="grouped"):
+        QuantConv2d(nn.Conv2d(32, 32, 3, groups=4))
+
+
+@pytest.mark.slow
+def test_sd15_unet_in_nf4_is_under_4_6_bits_and_close_to_float():
+    """The real SD1.5 UNet architecture (random weights from its published config): NF4 on
+    linear and conv layers, double quantization."""
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads((Path(__file__).parent / "configs" / "sd15_unet.json").read_text())
+    config.pop("_class_name")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**config).eval()
+    n_params = sum(p.numel() for p in unet.parameters())
+    g = torch.Generator().manual_seed(0)
+    sample, hidden = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 768, generator=g)
+    with torch.no_grad():
+        ref = unet(sample, 500, hidden).sample
+    report = quantize_model(unet, "nf4", convs=True)
+    assert report.params == n_params
+    with torch.no_grad():
+        out = unet(sample, 500, hidden).sample
+    rel = float((out - ref).norm() / ref.norm())
+    print(f"\nSD1.5 UNet NF4 (linear+conv): {report}; relative output error {rel:.4f}")
+    assert report.bits_per_param <= 4.6
+    assert report.conv > 0 and report.linear > 0
+    assert rel < 0.25
