@@ -138,8 +138,13 @@ def _run(pipe, settings, prompt, width, height, gens, latents, step_end):
 @torch.inference_mode()
 def generate(base: Base, settings: GenerateSettings, progress: bool = True, mix=None) -> list[Generated]:
     """Pictures for every prompt of `settings`, `num` each, in prompt-major order, with the
-    adapters of `mix` (a mixing.Mix) applied for the length of the call."""
+    adapters of `mix` applied for the length of the call. `mix` is a mixing.Mix for every
+    picture, or a list of `num` mixes: picture k gets mix k, all in one batched forward pass."""
     from tqdm.auto import tqdm
+
+    if isinstance(mix, (list, tuple)) and len(mix) != settings.num:
+        raise SdloraError(f"{len(mix)} per-sample mixes for {settings.num} pictures per prompt",
+                          "pass one mix per picture (num = number of mixes)")
 
     width = settings.width or base.native_size
     height = settings.height or base.native_size

@@ -130,3 +130,33 @@ def test_bad_injection_input(tiny_sd1_dir):
     base.quantize("nf4")
     with pytest.raises(SdloraError, match="already quantized"):
         base.quantize("int8")
+
+
+@pytest.mark.slow
+def test_per_sample_generation_equals_each_mix_alone(tiny_sd1_dir):
+    """One batch of two pictures with two mixes (guidance doubles it to four) gives each picture
+    what its mix gives alone."""
+    from sdlora.generate import GenerateSettings, generate
+    from tests.core_helpers import randomize
+
+    base = load_base(str(tiny_sd1_dir))
+    base.quantize("nf4")
+    for i, (name, method) in enumerate([("a", "lora"), ("b", "dora")]):
+        base.add_adapter(name, AdapterConfig(method=method, rank=2, seed=i), targets="linear", text_encoder=True)
+        for model in base.models().values():
+            randomize({k: v for k, v in adapter_layers(model).items() if name in v.adapters}, name, seed=i, std=0.5)
+    mixes = [Mix({"a": 1.0}), Mix({"b": 0.8, "a": -0.3})]
+    settings = GenerateSettings(prompts=("a red circle",), num=2, seed=5, steps=3)
+    batch = generate(base, settings, progress=False, mix=mixes)
+    for k, mix in enumerate(mixes):
+        # The same batch shape with one shared mix: only the per-sample weighting differs.
+        shared = generate(base, settings, progress=False, mix=mix)[k]
+        diff = np.abs(np.asarray(batch[k].image, dtype=np.int16) - np.asarray(shared.image, dtype=np.int16))
+        assert diff.max() <= 1, (k, diff.max())
+        # Alone (batch of one): the same picture up to the rounding of other matmul shapes.
+        alone = generate(base, GenerateSettings(prompts=("a red circle",), seed=5 + k, steps=3), progress=False,
+                         mix=mix)[0]
+        diff = np.abs(np.asarray(batch[k].image, dtype=np.int16) - np.asarray(alone.image, dtype=np.int16))
+        assert diff.mean() < 0.5, (k, diff.mean())
+    with pytest.raises(SdloraError, match="per-sample mixes for 3 pictures"):
+        generate(base, GenerateSettings(prompts=("x",), num=3, steps=1), progress=False, mix=mixes)
