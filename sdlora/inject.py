@@ -127,16 +127,17 @@ def unwrap(model: nn.Module) -> int:
     return len(layers)
 
 
-def add_adapter(layers: dict[str, AdapterLayer], name: str, config: AdapterConfig, *, seed: int | None = None,
-                shared: dict | None = None) -> int:
-    """Build adapter `name` on every given layer (seeded, in layer order); returns the count.
-    `shared` holds VeRA's per-shape projections across layers and models of one pipeline."""
+def add_adapter(layers: dict[str, AdapterLayer], name: str, config: AdapterConfig, *,
+                generator: torch.Generator | None = None, shared: dict | None = None) -> int:
+    """Build adapter `name` on every given layer, in layer order, initialised from `generator`
+    (default: one seeded with config.seed); returns the count. `shared` holds VeRA's per-shape
+    projections across the layers and models of one pipeline."""
     if not layers:
         raise SdloraError(f"no layers to put adapter '{name}' on", "inject a target preset first")
     clash = [n for n, layer in layers.items() if name in layer.adapters]
     if clash:
         raise SdloraError(f"adapter '{name}' is already loaded", "remove it first or choose another name")
-    gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
     shared = {} if shared is None else shared
     for layer in layers.values():
         adapter = config.build(layer, gen, shared)

@@ -214,15 +214,17 @@ class Mixer:
         self._validate(mixes, mode)
         plan = ActivePlan(mixes, per_sample=mode == "per_sample", fused=mode == "fused")
         if mode == "fused":
-            with self._lock.write(), torch.no_grad():
-                saved = self._fuse(mixes[0])
+            with self._lock.write():
+                with torch.no_grad():  # only the weight edits: the caller's body keeps its grad mode
+                    saved = self._fuse(mixes[0])
                 token = set_mix(plan)
                 try:
                     yield plan
                 finally:
                     reset_mix(token)
-                    for weight, original in saved:
-                        weight.data.copy_(original)  # the exact original bits, not W - delta
+                    with torch.no_grad():
+                        for weight, original in saved:
+                            weight.data.copy_(original)  # the exact original bits, not W - delta
         else:
             with self._lock.read():
                 token = set_mix(plan)

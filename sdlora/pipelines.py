@@ -75,6 +75,7 @@ class Base:
 
         total = 0
         shared: dict = {}  # VeRA's projections, one pair per shape across the whole pipeline
+        generator = torch.Generator().manual_seed(config.seed)  # one stream over every role, in order
         for role, model in self.models().items():
             if role != "unet" and not text_encoder:
                 continue
@@ -82,7 +83,7 @@ class Base:
             layers = wrap(model, names, role)
             if config.method == "vera":
                 layers = {n: layer for n, layer in layers.items() if not layer.geometry.is_conv}
-            total += add_adapter(layers, name, config, seed=config.seed + len(role), shared=shared)
+            total += add_adapter(layers, name, config, generator=generator, shared=shared)
         return total
 
 

@@ -203,3 +203,9 @@ def test_half_precision_compute(quant, dtype):
     assert out.dtype == dtype
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".adapters." in n)
     assert ((out.float() - ref).norm() / ref.norm()) < 0.05
+
+
+def test_fused_mode_leaves_the_callers_grad_mode_alone():
+    model, _ = adapted("linear", None, {"a": "lora"})
+    with Mixer({"unet": model}).apply(Mix({"a": 1.0}), mode="fused"):
+        assert torch.is_grad_enabled()

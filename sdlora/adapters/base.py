@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .functional import apply_down, apply_up
+
 
 @dataclass(frozen=True)
 class BaseGeometry:
@@ -39,9 +41,9 @@ class BaseGeometry:
 class Adapter(nn.Module):
     """One named adapter on one layer. Subclasses define the delta D (W0's shape):
 
-    - low-rank methods (LoRA/LoCon, VeRA) return `factors()` = (down, up) with D = scale * up @ down,
-      so that the layer can run several of them as one concatenated-rank pair of matmuls;
-    - other methods (DoRA) return None there and compute `output_delta` themselves.
+    - low-rank methods (LoRA/LoCon, VeRA, `low_rank = True`) have D = scale * up @ down exactly with
+      (down, up) = `pair()`, so the layer can run several as one concatenated-rank pair of matmuls;
+    - other methods (DoRA) compute `output_delta` themselves.
     """
 
     method: str = ""
@@ -65,17 +67,11 @@ class Adapter(nn.Module):
         """The parameters LoRA+ trains at the higher learning rate (B, the up projection)."""
         raise NotImplementedError
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(down, up) when D is exactly scale * up @ down, so the layer may concatenate ranks."""
-        return self.pair() if self.low_rank else None
-
     def delta_weight(self, w0: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def output_delta(self, x: torch.Tensor, base_out_nobias: torch.Tensor, w0_fn) -> torch.Tensor:
         """D x for one input batch. `w0_fn()` gives the (dequantized) base weight on demand."""
-        from .functional import apply_down, apply_up
-
         down, up = self.pair()
         h = apply_down(self.dropout(x), down.to(x.dtype), self.geometry.conv_args)
         return self.scale * apply_up(h, up.to(x.dtype), self.geometry.is_conv)

@@ -30,7 +30,7 @@ def geometry_of(layer: nn.Module) -> BaseGeometry:
     raise TypeError(f"cannot adapt a {type(layer).__name__}: neither Linear-like nor Conv2d-like")
 
 
-def _per_sample(weight, batch: int, ndim: int, channel_dim: int):
+def _per_sample(weight, batch: int, ndim: int):
     """A float, or (batch,) -> shape broadcasting over an output of `ndim` dims (batch first)."""
     if not torch.is_tensor(weight):
         return weight
@@ -78,17 +78,16 @@ class AdapterLayer(nn.Module):
     def delta_output(self, x: torch.Tensor, out: torch.Tensor, weights: dict) -> torch.Tensor:
         """sum_i w_i * D_i x. weights: name -> float or (B,) tensor."""
         conv = self.geometry.is_conv
-        channel_dim = 1 if conv else -1
         batch = x.shape[0]
         low, other = [], []
         for name, w in weights.items():
             adapter = self.adapters[name]
             # Dropout differs per adapter, so a training adapter with dropout runs alone.
             dropping = self.training and isinstance(adapter.dropout, nn.Dropout)
-            (low if adapter.factors() is not None and not dropping else other).append((adapter, w))
+            (low if adapter.low_rank and not dropping else other).append((adapter, w))
         delta = torch.zeros((), dtype=out.dtype, device=out.device)
         if low:
-            pairs = [a.factors() for a, _ in low]
+            pairs = [a.pair() for a, _ in low]
             down = torch.cat([d for d, _ in pairs]).to(x.dtype)  # (R, in[, kh, kw]), R = sum of ranks
             up = torch.cat([u for _, u in pairs], dim=1).to(x.dtype)  # (out, R[, 1, 1])
             per_sample = any(torch.is_tensor(w) for _, w in low)
@@ -104,7 +103,7 @@ class AdapterLayer(nn.Module):
             base_nobias = out - self._base_bias(out)
             for adapter, w in other:
                 d = adapter.output_delta(x, base_nobias, self.base_weight)
-                delta = delta + _per_sample(w, batch, d.dim(), channel_dim) * d
+                delta = delta + _per_sample(w, batch, d.dim()) * d
         return delta
 
     def delta_weight(self, weights: dict[str, float]) -> torch.Tensor | None:
@@ -113,7 +112,7 @@ class AdapterLayer(nn.Module):
         total = None
         for name, w in weights.items():
             adapter = self.adapters[name]
-            if adapter.factors() is None and w0 is None:
+            if not adapter.low_rank and w0 is None:
                 w0 = self.base_weight().float()  # DoRA's delta depends on W0
             d = w * adapter.delta_weight(w0).float()
             total = d if total is None else total + d
