@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 # The main job on the embedded base: a labelled grid of pictures for several prompts.
 demo: $(VENV)/.installed
 	$(VENV)/bin/sdlora generate "a red circle" "a blue square" "a green triangle" "a yellow diamond" \
-		"an orange circle on a black background" "a purple square on a yellow background" \
+		"a purple circle" "a yellow circle on a black background" \
 		--num 6 --seed 0 --steps 25 --out out/demo-grid.png --quiet
 	@echo "demo: wrote out/demo-grid.png"
 
