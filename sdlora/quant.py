@@ -40,7 +40,7 @@ class QuantConv2d(nn.Module):
     (out, in*kh*kw) matrix, dequantized to the compute dtype at every call."""
 
     def __init__(self, conv: nn.Conv2d, quant_type: str = "nf4", double_quant: bool = True,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         super().__init__()
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise SdloraError(f"cannot quantize {conv}: grouped or non-zero-padded convolutions are not supported",
@@ -49,8 +49,10 @@ class QuantConv2d(nn.Module):
         self.kernel_size, self.stride, self.padding, self.dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
         self.groups, self.padding_mode = 1, "zeros"
         self.compute_dtype = compute_dtype
-        self.weight = _params4bit(conv.weight.reshape(conv.out_channels, -1), quant_type, double_quant)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        # Moving a Params4bit to a device is what quantizes it: done here, so no float copy lingers.
+        self.weight = _params4bit(conv.weight.reshape(conv.out_channels, -1), quant_type, double_quant).to(device)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone().to(device),
+                                                                requires_grad=False)
 
     def dequantize(self) -> torch.Tensor:
         bnb = _bnb()
@@ -202,7 +204,7 @@ def quantize_model(model: nn.Module, mode: str = "nf4", *, double_quant: bool = 
             q = quantize_linear(m, mode, double_quant, compute_dtype, device)
             n_lin += 1
         else:
-            q = QuantConv2d(m, "nf4" if mode == "int8" else mode, double_quant, compute_dtype).to(device)
+            q = QuantConv2d(m, "nf4" if mode == "int8" else mode, double_quant, compute_dtype, device)
             n_conv += 1
         setattr(parent, child, q)
     for p in model.parameters():
