@@ -41,6 +41,9 @@ def add_base_flags(p: argparse.ArgumentParser) -> None:
                    help="for a single-file --base: a diffusers folder of the same architecture whose configs "
                         "and tokenizer are used, so nothing is fetched from the hub")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
+    p.add_argument("--quant", default="none", choices=["none", "nf4", "fp4", "int8"],
+                   help="hold the UNet and text encoder(s) in 4 or 8 bits: NF4/FP4 with double quantization on "
+                        "linear and conv layers, or int8 on linear layers with NF4 convs (default none)")
 
 
 def cmd_generate(args) -> int:
@@ -57,6 +60,10 @@ def cmd_generate(args) -> int:
     if Path(args.out).suffix.lower() != ".png":
         raise SdloraError(f"--out {args.out} must end in .png", "pass a file name like out/picture.png")
     base = load_base(args.base, device=pick_device(args.device), config=args.base_config)
+    if args.quant != "none":
+        for role, report in base.quantize(args.quant).items():
+            if not args.quiet:
+                print(f"{role}: {report}", file=sys.stderr)
     results = generate(base, settings, progress=not args.quiet)
     for path in write_outputs(results, Path(args.out), settings.num):
         print(path)

@@ -153,7 +153,9 @@ def generate(base: Base, settings: GenerateSettings, progress: bool = True, mix=
     with tqdm(total=total, desc="generating", unit="step", disable=not progress) as bar:
         for prompt in settings.prompts:
             images = _call_pipeline(base, settings, prompt, width, height, lambda: bar.update(1), mix)
-            results += [Generated(im, prompt, settings.seed + k, settings, base.source) for k, im in enumerate(images)]
+            extra = {"quant": base.quant} if base.quant else {}
+            results += [Generated(im, prompt, settings.seed + k, settings, base.source, dict(extra))
+                        for k, im in enumerate(images)]
     return results
 
 

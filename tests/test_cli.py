@@ -48,6 +48,15 @@ def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, message):
     assert not out.exists()
 
 
+def test_generate_on_a_quantized_base_reports_its_bits(tmp_path):
+    out = tmp_path / "q.png"
+    proc = sdlora("generate", "a green triangle", "--out", str(out), "--quant", "nf4", "--steps", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "unet: " in proc.stderr and "bits per parameter" in proc.stderr
+    assert Image.open(out).size == (64, 64)
+    assert json.loads(Image.open(out).info["sdlora"])["quant"] == "nf4"
+
+
 def test_help_lists_generate():
     proc = sdlora("--help")
     assert proc.returncode == 0 and "generate" in proc.stdout
