@@ -23,9 +23,11 @@ def convnet(seed: int = 0) -> nn.Sequential:
 
 
 def base_model(kind: str, quant: str | None, seed: int = 0) -> nn.Sequential:
+    """quant: None, "nf4", "fp4", "int8" (double quantization on), or "<mode>-nodq" (off)."""
     model = mlp(seed) if kind == "linear" else convnet(seed)
     if quant:
-        quantize_model(model, quant, convs=kind == "conv")
+        mode, _, nodq = quant.partition("-")
+        quantize_model(model, mode, convs=kind == "conv", double_quant=not nodq)
     return model.eval()
 
 

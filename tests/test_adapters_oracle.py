@@ -57,7 +57,7 @@ def _peft_and_ours(method, kind, quant):
     return peft_model, ours
 
 
-@pytest.mark.parametrize("quant", [None, "nf4"], ids=["float", "nf4"])
+@pytest.mark.parametrize("quant", [None, "nf4", "nf4-nodq", "fp4"], ids=["float", "nf4", "nf4-nodq", "fp4"])
 @pytest.mark.parametrize("method, kind", CASES, ids=[f"{m}-{k}" for m, k in CASES])
 def test_same_weights_same_outputs_as_peft(method, kind, quant):
     peft_model, ours = _peft_and_ours(method, kind, quant)
