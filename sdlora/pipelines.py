@@ -10,6 +10,7 @@ Families: "sd1" (CLIP ViT-L text encoder), "sd2" (OpenCLIP ViT-H, GELU), "sdxl" 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -35,6 +36,7 @@ class Base:
     source: str  # the name the user gave
     kind: str  # "embedded" | "folder" | "single_file" | "hub"
     quant: str | None = None
+    adapter_info: dict = field(default_factory=dict)  # name -> config, targets, source file
     _mixer: object = field(default=None, repr=False)
 
     @property
@@ -84,6 +86,8 @@ class Base:
             if config.method == "vera":
                 layers = {n: layer for n, layer in layers.items() if not layer.geometry.is_conv}
             total += add_adapter(layers, name, config, generator=generator, shared=shared)
+        self.adapter_info[name] = {"config": dataclasses.asdict(config), "targets": targets,
+                                   "text_encoder": text_encoder}
         return total
 
 

@@ -1,0 +1,250 @@
+"""Adapter files <-> a loaded base: save an adapter in any layout, load any supported file.
+
+Loading validates everything against the base before the model is touched (format, family,
+module names, shapes), then wraps the named modules and fills the adapters; if anything still
+fails, what was added is removed again, so the pipeline is exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import DoraAdapter, LoraAdapter, VeraAdapter
+from .errors import SdloraError
+from .formats import kohya, native, peft
+from .formats.adapter import ROLES, AdapterFile, ModuleWeights
+from .formats.io import read_safetensors, write_safetensors
+from .inject import adapter_layers, text_encoder_targets, unet_targets, wrap
+
+FORMATS = ("sdlora", "kohya", "diffusers")
+
+
+def _modules_of(base) -> dict[str, list[str]]:
+    """Every module a file may adapt, by role: the `all` preset's UNet layers and the text encoders' layers."""
+    out = {}
+    for role, model in base.models().items():
+        out[role] = unet_targets(model, "all") if role == "unet" else text_encoder_targets(model)
+    return out
+
+
+def _unet_weight_keys(unet) -> list[str]:
+    """UNet state-dict keys with adapter wrappers seen through, as the plain model names them."""
+    return [k.replace(".base_layer.", ".") for k in unet.state_dict() if ".adapters." not in k]
+
+
+def kohya_table(base) -> dict[str, str]:
+    return kohya.name_table(_modules_of(base), base.family, dict(base.pipe.unet.config),
+                            _unet_weight_keys(base.pipe.unet))
+
+
+def adapter_from_base(base, name: str, trigger_words=(), training: dict | None = None) -> AdapterFile:
+    """The canonical form of adapter `name` as it is now in the base."""
+    modules: dict[str, ModuleWeights] = {}
+    method = None
+    for role, model in base.models().items():
+        for path, layer in adapter_layers(model).items():
+            if name not in layer.adapters:
+                continue
+            a = layer.adapters[name]
+            method = a.method
+            down, up = (t.detach().float().cpu() for t in a.pair())
+            if a.method == "vera":
+                modules[f"{role}/{path}"] = ModuleWeights("vera", down, up, 1.0, vera_d=a.vera_d.detach().cpu(),
+                                                          vera_b=a.vera_b.detach().cpu())
+            else:
+                mag = a.magnitude.detach().cpu() if isinstance(a, DoraAdapter) else None
+                modules[f"{role}/{path}"] = ModuleWeights(a.method, down, up, a.scale, magnitude=mag)
+    if not modules:
+        raise SdloraError(f"no adapter named '{name}' in the base", f"loaded: {', '.join(base.adapter_info) or 'none'}")
+    info = base.adapter_info.get(name, {})
+    config = {**info.get("config", {}), "targets": info.get("targets"), "text_encoder": info.get("text_encoder")}
+    return AdapterFile(modules, method, base.family, "sdlora", config, list(trigger_words), dict(training or {}))
+
+
+def save_adapter(base, name: str, path: str | Path, format: str = "sdlora", trigger_words=(),
+                 training: dict | None = None) -> Path:
+    """Write adapter `name` to `path` in `format`. VeRA goes to kohya and diffusers as the exactly
+    equivalent plain LoRA of rank r (scale 1), so it loads anywhere."""
+    af = adapter_from_base(base, name, trigger_words, training)
+    return write_adapter_file(af, path, format, base)
+
+
+def write_adapter_file(af: AdapterFile, path: str | Path, format: str, base=None) -> Path:
+    if format == "sdlora":
+        tensors, metadata = native.to_state_dict(af)
+    elif format == "kohya":
+        if base is None:
+            raise SdloraError("kohya names depend on the base's layout", "pass the base the adapter is for")
+        tensors, metadata = kohya.to_state_dict(af, kohya_table(base), base.family, title=Path(path).stem)
+    elif format == "diffusers":
+        tensors, metadata = peft.to_state_dict(af)
+    else:
+        raise SdloraError(f"unknown adapter format '{format}'", f"choose one of: {', '.join(FORMATS)}")
+    return write_safetensors(path, tensors, metadata)
+
+
+def detect_format(tensors: dict, metadata: dict, path: str) -> str:
+    if native.is_native(metadata):
+        return "sdlora"
+    if kohya.is_kohya(tensors):
+        return "kohya"
+    if peft.is_peft(tensors):
+        return "diffusers"
+    sample = ", ".join(list(tensors)[:3]) or "no tensors at all"
+    raise SdloraError(f"{path} holds no adapter keys sdlora knows (first keys: {sample})",
+                      "pass a LoRA/DoRA/VeRA file in sdlora, kohya (lora_unet_...) or diffusers (unet....lora_A) layout")
+
+
+def read_adapter_file(path: str | Path, base=None) -> AdapterFile:
+    """Read and parse any supported file. Kohya names are resolved against `base` (without a base,
+    modules keep their kohya names, enough to inspect a file)."""
+    path = str(path)
+    tensors, metadata = read_safetensors(path)
+    fmt = detect_format(tensors, metadata, path)
+    if fmt == "sdlora":
+        return native.from_state_dict(tensors, metadata, path)
+    if fmt == "diffusers":
+        return peft.from_state_dict(tensors, metadata, path)
+    if base is not None:
+        inverse = kohya.inverse_table(kohya_table(base), base.family)
+    else:
+        prefixes = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                    "lora_te2_": "text_encoder_2"}
+        inverse = {}
+        for key in tensors:
+            name = key.split(".")[0]
+            role = next((r for p, r in prefixes.items() if name.startswith(p)), None)
+            if role:
+                inverse[name] = f"{role}/{name}"
+    return kohya.from_state_dict(tensors, metadata, inverse, path)
+
+
+@dataclass
+class Loaded:
+    name: str
+    file: AdapterFile
+    layers: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def _check_against_base(af: AdapterFile, base, path: str) -> list[tuple[str, str, ModuleWeights]]:
+    """(role, module path, weights) for every module, or one clear error; touches nothing."""
+    if af.base_family and af.base_family != base.family:
+        raise SdloraError(f"{path} is an adapter for {af.base_family}, but the base is {base.family}",
+                          f"use it with an {af.base_family} base, or pick an adapter made for {base.family}")
+    models = base.models()
+    plan = []
+    for key, m in af.modules.items():
+        role, _, mpath = key.partition("/")
+        if role not in models:
+            raise SdloraError(f"{path}: module '{key}' is for {role}, which this {base.family} base lacks",
+                              "is the adapter for another family of base?")
+        try:
+            module = models[role].get_submodule(mpath)
+        except AttributeError:
+            continue  # reported as unknown below
+        from .adapters.layer import AdapterLayer, geometry_of
+
+        geom = module.geometry if isinstance(module, AdapterLayer) else geometry_of(module)
+        want_down = (m.rank, geom.in_features, *(geom.kernel_size or ()))
+        want_up = (geom.out_features, m.rank, *((1, 1) if geom.is_conv else ()))
+        if tuple(m.down.shape) != want_down or tuple(m.up.shape) != want_up:
+            hint = f" (the file says it is for {af.base_family})" if af.base_family else ""
+            raise SdloraError(
+                f"{path}: module '{key}' has down {tuple(m.down.shape)} / up {tuple(m.up.shape)}, but the base's layer "
+                f"needs {want_down} / {want_up}{hint}",
+                f"the adapter was made for another base than this {base.family} one; load it with that base")
+        plan.append((role, mpath, m))
+    if not plan:
+        raise SdloraError(f"{path}: none of its {len(af.modules)} modules exists in this {base.family} base",
+                          "is the adapter for another base?")
+    return plan
+
+
+def load_adapter(base, path: str | Path, name: str | None = None) -> Loaded:
+    """Load any supported adapter file into the base under `name` (default: the file's stem)."""
+    path = str(path)
+    name = name or Path(path).stem
+    if name in base.adapter_info:
+        raise SdloraError(f"an adapter named '{name}' is already loaded", "pass another name")
+    af = read_adapter_file(path, base)
+    plan = _check_against_base(af, base, path)
+    unknown = list(af.extra_metadata.get("unknown_keys", []))
+    unknown += [k for k in af.modules if k.split("/", 1)[1] not in {p for _, p, _ in plan}]
+    notes = []
+    if unknown:
+        notes.append(f"{path}: {len(unknown)} key(s) match nothing in the base and were ignored: "
+                     f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+        warnings.warn(notes[-1], stacklevel=2)
+    models = base.models()
+    added: list = []  # layers given the adapter, to undo on failure
+    newly_wrapped: list = []
+    shared: dict = {}
+    try:
+        for role, mpath, m in plan:
+            model = models[role]
+            was_wrapped = mpath in adapter_layers(model)
+            layer = wrap(model, [mpath], role)[mpath]
+            if not was_wrapped:
+                newly_wrapped.append((model, mpath))
+            layer.add_adapter(name, _build(layer, m, af, shared))
+            added.append(layer)
+    except BaseException:
+        for layer in added:
+            layer.remove_adapter(name)
+        for model, mpath in newly_wrapped:
+            _unwrap_one(model, mpath)
+        raise
+    base.adapter_info[name] = {"config": af.config, "file": path, "format": af.format, "method": af.method}
+    return Loaded(name, af, len(plan), notes)
+
+
+def _unwrap_one(model, mpath: str) -> None:
+    layer = model.get_submodule(mpath)
+    parent_name, _, child = mpath.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential)):
+        parent[int(child)] = layer.base_layer
+    else:
+        setattr(parent, child, layer.base_layer)
+
+
+def _build(layer, m: ModuleWeights, af: AdapterFile, shared: dict):
+    g = layer.geometry
+    device = next(layer.base_layer.parameters()).device
+    with torch.no_grad():
+        if m.method == "vera" and af.format == "sdlora":
+            a = VeraAdapter(g, m.rank, seed=int(af.config.get("seed", 0)), shared=shared)
+            a.vera_d.copy_(m.vera_d)
+            a.vera_b.copy_(m.vera_b)
+        elif m.magnitude is not None:
+            a = DoraAdapter(g, m.rank, m.alpha, w0=layer.base_weight())
+            a.down.copy_(m.down), a.up.copy_(m.up), a.magnitude.copy_(m.magnitude)
+        else:
+            a = LoraAdapter(g, m.rank, m.alpha)
+            a.down.copy_(m.down), a.up.copy_(m.up)
+    return a.to(device)
+
+
+def describe(af: AdapterFile, path: str) -> dict:
+    """What `sdlora inspect` shows: format, method, ranks and alphas, targets, family, metadata, size."""
+    by_role: dict[str, int] = {}
+    for key in af.modules:
+        role = key.split("/", 1)[0]
+        by_role[role] = by_role.get(role, 0) + 1
+    ranks = sorted({m.rank for m in af.modules.values()})
+    alphas = sorted({round(m.alpha, 6) for m in af.modules.values()})
+    params = sum(m.down.numel() + m.up.numel() for m in af.modules.values())
+    return {
+        "file": path, "format": af.format, "method": af.method, "base_family": af.base_family,
+        "modules": len(af.modules), "modules_by_role": by_role, "ranks": ranks, "alphas": alphas,
+        "parameters": params, "size_bytes": Path(path).stat().st_size, "trigger_words": af.trigger_words,
+        "config": af.config, "training": af.training,
+        "metadata": {k: v for k, v in af.extra_metadata.items() if k != "unknown_keys"},
+        "per_module": {k: {"rank": m.rank, "alpha": round(m.alpha, 6)} for k, m in af.modules.items()},
+    }

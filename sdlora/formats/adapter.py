@@ -1,0 +1,49 @@
+"""The canonical, in-memory form of an adapter file, whatever layout it came in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ROLES = ("unet", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class ModuleWeights:
+    """One adapted module. D = scale * up @ down (LoRA/LoCon), DoRA adds `magnitude` (out,),
+    VeRA keeps its trained vectors (down/up are then the equivalent plain pair)."""
+
+    method: str  # "lora" | "dora" | "vera"
+    down: torch.Tensor  # (r, in) or (r, in, kh, kw)
+    up: torch.Tensor  # (out, r) or (out, r, 1, 1)
+    scale: float  # alpha / r as applied
+    magnitude: torch.Tensor | None = None  # DoRA: (out,)
+    vera_d: torch.Tensor | None = None  # VeRA: (r,)
+    vera_b: torch.Tensor | None = None  # VeRA: (out,)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def alpha(self) -> float:
+        """The alpha that gives this scale under the plain alpha / r rule (what kohya and PEFT store)."""
+        return self.scale * self.rank
+
+
+@dataclass
+class AdapterFile:
+    """modules: "role/module.path" -> weights, e.g. "unet/down_blocks.0.attentions.0...to_q"."""
+
+    modules: dict[str, ModuleWeights]
+    method: str
+    base_family: str | None = None
+    format: str = "sdlora"
+    config: dict = field(default_factory=dict)  # the AdapterConfig fields, targets, VeRA seed
+    trigger_words: list[str] = field(default_factory=list)
+    training: dict = field(default_factory=dict)
+    extra_metadata: dict = field(default_factory=dict)  # metadata we read but do not interpret
+
+    def roles(self) -> list[str]:
+        return sorted({k.split("/", 1)[0] for k in self.modules})

@@ -1,0 +1,146 @@
+"""kohya layout, read by A1111, ComfyUI and Forge: one flat module name per adapted layer.
+
+    lora_unet_<path>.lora_down.weight / .lora_up.weight / .alpha / .dora_scale
+    lora_te_<text_model path>      (SD1/SD2)     lora_te1_ / lora_te2_ (SDXL's two encoders)
+
+SD1/SD2 UNet names are diffusers paths with "." -> "_"; SDXL UNet names follow the original
+(SGM) layout: input_blocks / middle_block / output_blocks. Underscores make names ambiguous, so
+both directions go through a table built from the base's real modules.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..errors import SdloraError
+from .adapter import AdapterFile, ModuleWeights
+from .ldm_checkpoint import unet_to_ldm
+
+_TE_NAMES = {"sd1": {"text_encoder": "lora_te"}, "sd2": {"text_encoder": "lora_te"},
+             "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
+BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
+                "sdxl": "stable-diffusion-xl-v1-base/lora"}
+_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale"}
+_LYCORIS = ("hada_", "lokr_")
+
+
+def is_kohya(keys) -> bool:
+    return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys)
+
+
+def family_of(keys, metadata: dict) -> str | None:
+    version = metadata.get("ss_base_model_version", "")
+    # Not lora_te1_ alone: diffusers' convert_state_dict_to_kohya names SD1's only encoder so too.
+    sgm = ("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks")
+    if version.startswith("sdxl") or any(k.startswith(("lora_te2_", *sgm)) for k in keys):
+        return "sdxl"
+    if version.startswith("sd_v2"):
+        return "sd2"
+    return "sd1" if version.startswith("sd_v1") else None
+
+
+def name_table(module_paths: dict[str, list[str]], family: str, unet_config: dict, unet_weight_keys: list[str]) -> dict[str, str]:
+    """Canonical "role/path" -> kohya module name for every given module of the base.
+    module_paths: role -> paths of adaptable modules; unet_weight_keys: every UNet state-dict
+    key (the SGM mapping needs the whole layout to number blocks)."""
+    table: dict[str, str] = {}
+    ldm = {}
+    if family == "sdxl":
+        ldm = {v: k for k, v in unet_to_ldm({k: k for k in unet_weight_keys}, unet_config).items()}
+    for role, paths in module_paths.items():
+        for path in paths:
+            if role == "unet":
+                name = ldm[path + ".weight"].removesuffix(".weight") if family == "sdxl" else path
+                table[f"unet/{path}"] = "lora_unet_" + name.replace(".", "_")
+            elif role in _TE_NAMES.get(family, {}):
+                full = path if path.startswith("text_model.") else "text_model." + path
+                table[f"{role}/{path}"] = _TE_NAMES[family][role] + "_" + full.replace(".", "_")
+    return table
+
+
+def inverse_table(table: dict[str, str], family: str) -> dict[str, str]:
+    """kohya name -> canonical key; on SD1/SD2 also under lora_te1_, the name diffusers'
+    convert_state_dict_to_kohya gives the single text encoder."""
+    inverse = {v: k for k, v in table.items()}
+    for name, key in list(inverse.items()):
+        if not name.startswith("lora_te"):
+            continue
+        prefix, _, rest = name.partition("_text_model_")
+        # transformers 5 dropped "text_model." from CLIP's module names, and converters running on
+        # it (diffusers' convert_state_dict_to_kohya) write names without it: read both forms.
+        aliases = [f"{prefix}_{rest}"]
+        if family != "sdxl" and prefix == "lora_te":
+            aliases += [f"lora_te1_text_model_{rest}", f"lora_te1_{rest}"]
+        inverse.update({a: key for a in aliases})
+    return inverse
+
+
+def to_state_dict(af: AdapterFile, table: dict[str, str], family: str, title: str = "") -> tuple[dict, dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    for key, m in af.modules.items():
+        if key not in table:
+            raise SdloraError(f"module '{key}' has no kohya name on a {family} base", "export for the base it was trained on")
+        name = table[key]
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = m.down, m.up
+        tensors[f"{name}.alpha"] = torch.tensor(float(m.alpha))
+        if m.magnitude is not None:
+            tensors[f"{name}.dora_scale"] = m.magnitude.reshape(-1, 1)  # the output axis, as PEFT and ComfyUI read it
+    first = next(iter(af.modules.values()))
+    dora = any(m.magnitude is not None for m in af.modules.values())
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(first.rank),
+        "ss_network_alpha": f"{first.alpha:g}",
+        "ss_network_args": json.dumps({"algo": "lora", "dora_wd": True} if dora else {}),
+        "ss_base_model_version": BASE_VERSION[family],
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ARCHITECTURE[family],
+        "modelspec.implementation": "sdlora",
+        "modelspec.title": title,
+        "modelspec.trigger_phrase": ", ".join(af.trigger_words),
+    }
+    if af.training:
+        metadata["sdlora_training"] = json.dumps(af.training, sort_keys=True)
+    return tensors, metadata
+
+
+def from_state_dict(tensors: dict, metadata: dict, inverse_table: dict[str, str], path: str) -> AdapterFile:
+    """inverse_table: kohya module name -> canonical "role/path" of the base it is loaded into.
+    Modules the base does not have are listed in extra_metadata['unknown_keys']."""
+    lycoris = sorted({k.split(".")[0] for k in tensors if any(p in k for p in _LYCORIS)})
+    if lycoris:
+        raise SdloraError(f"{path} is a LyCORIS LoHa/LoKr file ({lycoris[0]}, ...), which sdlora cannot read yet",
+                          "use a LoRA/LoCon/DoRA file, or convert it to LoRA with LyCORIS' tools")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, t in tensors.items():
+        name, _, part = key.partition(".")
+        if part not in _PARTS:
+            unknown.append(key)
+        elif name not in inverse_table:
+            unknown.append(key)
+        else:
+            parts.setdefault(name, {})[_PARTS[part]] = t
+    modules = {}
+    for name, p in parts.items():
+        if "down" not in p or "up" not in p:
+            raise SdloraError(f"{path}: module '{name}' lacks lora_down or lora_up", "re-export the adapter")
+        rank = p["down"].shape[0]
+        alpha = float(p["alpha"]) if "alpha" in p else float(rank)  # kohya's default: no alpha key means alpha = dim
+        mag = p.get("dora_scale")
+        if mag is not None and mag.shape[0] != p["up"].shape[0]:
+            raise SdloraError(f"{path}: '{name}.dora_scale' has shape {tuple(mag.shape)}, a norm over the input axis",
+                              "only output-axis DoRA scales (PEFT, ComfyUI) are supported")
+        modules[inverse_table[name]] = ModuleWeights("dora" if mag is not None else "lora", p["down"], p["up"],
+                                                     alpha / rank, magnitude=None if mag is None else mag.reshape(-1))
+    method = "dora" if any(m.magnitude is not None for m in modules.values()) else "lora"
+    trigger = [w.strip() for w in metadata.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
+    af = AdapterFile(modules, method, family_of(tensors, metadata), "kohya", trigger_words=trigger)
+    af.extra_metadata = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec."))}
+    if unknown:
+        af.extra_metadata["unknown_keys"] = unknown
+    return af

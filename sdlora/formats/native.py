@@ -1,0 +1,69 @@
+"""sdlora's own layout: every tensor under "role/module.path/part", the full config as JSON
+metadata. VeRA stores only its trained vectors; the frozen projections come back from the seed."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..adapters.vera import shared_projections
+from ..errors import SdloraError
+from .adapter import AdapterFile, ModuleWeights
+
+FORMAT_VERSION = "1"
+
+
+def is_native(metadata: dict) -> bool:
+    return metadata.get("format") == "sdlora"
+
+
+def to_state_dict(af: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    for key, m in af.modules.items():
+        tensors[f"{key}/scale"] = torch.tensor(float(m.scale))
+        if m.method == "vera":
+            tensors[f"{key}/vera_d"], tensors[f"{key}/vera_b"] = m.vera_d, m.vera_b
+            tensors[f"{key}/in_features"] = torch.tensor(int(m.down.shape[1]))
+            continue
+        tensors[f"{key}/down"], tensors[f"{key}/up"] = m.down, m.up
+        if m.magnitude is not None:
+            tensors[f"{key}/magnitude"] = m.magnitude
+    metadata = {
+        "format": "sdlora", "format_version": FORMAT_VERSION, "method": af.method,
+        "base_family": af.base_family or "", "config": json.dumps(af.config, sort_keys=True),
+        "trigger_words": json.dumps(af.trigger_words), "training": json.dumps(af.training, sort_keys=True),
+    }
+    return tensors, metadata
+
+
+def from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict, path: str) -> AdapterFile:
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise SdloraError(f"{path}: sdlora format version {metadata.get('format_version')!r} is not "
+                          f"{FORMAT_VERSION}", "upgrade sdlora to read it")
+    try:
+        config = json.loads(metadata.get("config", "{}"))
+        trigger_words = json.loads(metadata.get("trigger_words", "[]"))
+        training = json.loads(metadata.get("training", "{}"))
+    except json.JSONDecodeError as err:
+        raise SdloraError(f"{path}: its metadata is not valid JSON ({err})", "re-export the adapter") from err
+    method = metadata.get("method", "lora")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        key, _, part = name.rpartition("/")
+        if not key or "/" not in key:
+            raise SdloraError(f"{path}: key '{name}' is not role/module/part", "re-export the adapter")
+        parts.setdefault(key, {})[part] = t
+    modules = {}
+    for key, p in parts.items():
+        scale = float(p["scale"])
+        if method == "vera":
+            d, b, n_in = p["vera_d"], p["vera_b"], int(p["in_features"])
+            a, bb = shared_projections(int(config["seed"]), d.shape[0], n_in, b.shape[0])
+            modules[key] = ModuleWeights("vera", d[:, None] * a, b[:, None] * bb, scale, vera_d=d, vera_b=b)
+        else:
+            missing = {"down", "up"} - set(p)
+            if missing:
+                raise SdloraError(f"{path}: module '{key}' lacks {sorted(missing)}", "re-export the adapter")
+            modules[key] = ModuleWeights(method, p["down"], p["up"], scale, magnitude=p.get("magnitude"))
+    return AdapterFile(modules, method, metadata.get("base_family") or None, "sdlora", config, trigger_words, training)
