@@ -7,7 +7,7 @@ fails, what was added is removed again, so the pipeline is exactly as it was.
 
 from __future__ import annotations
 
-import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ import torch
 from .adapters import DoraAdapter, LoraAdapter, VeraAdapter
 from .errors import SdloraError
 from .formats import kohya, native, peft
-from .formats.adapter import ROLES, AdapterFile, ModuleWeights
+from .formats.adapter import AdapterFile, ModuleWeights
 from .formats.io import read_safetensors, write_safetensors
 from .inject import adapter_layers, text_encoder_targets, unet_targets, wrap
 
@@ -169,7 +169,8 @@ def _check_against_base(af: AdapterFile, base, path: str) -> list[tuple[str, str
 def load_adapter(base, path: str | Path, name: str | None = None) -> Loaded:
     """Load any supported adapter file into the base under `name` (default: the file's stem)."""
     path = str(path)
-    name = name or Path(path).stem
+    name = name or re.sub(r"[^\w-]", "_", Path(path).stem)
+    check_name(name)
     if name in base.adapter_info:
         raise SdloraError(f"an adapter named '{name}' is already loaded", "pass another name")
     af = read_adapter_file(path, base)
@@ -202,6 +203,12 @@ def load_adapter(base, path: str | Path, name: str | None = None) -> Loaded:
         raise
     base.adapter_info[name] = {"config": af.config, "file": path, "format": af.format, "method": af.method}
     return Loaded(name, af, len(plan), notes)
+
+
+def check_name(name: str) -> None:
+    """Adapter names key module dicts and metadata: letters, digits, '_' and '-' only."""
+    if not re.fullmatch(r"[\w-]{1,100}", name):
+        raise SdloraError(f"adapter name {name!r} is not 1 to 100 letters, digits, '_' or '-'", "pass another name")
 
 
 def _unwrap_one(model, mpath: str) -> None:

@@ -46,8 +46,27 @@ def add_base_flags(p: argparse.ArgumentParser) -> None:
                         "linear and conv layers, or int8 on linear layers with NF4 convs (default none)")
 
 
+def parse_adapter_spec(spec: str) -> tuple[str, float, float | None]:
+    """'style.safetensors:0.8:0.5' -> (path, UNet weight 0.8, text-encoder weight 0.5). Weights
+    are taken off the end only when they parse as numbers, so paths may hold colons."""
+    parts = spec.split(":")
+    weights: list[float] = []
+    while len(parts) > 1 and len(weights) < 2:
+        try:
+            weights.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = ":".join(parts)
+    unet_w = weights[0] if weights else 1.0
+    te_w = weights[1] if len(weights) > 1 else None
+    return path, unet_w, te_w
+
+
 def cmd_generate(args) -> int:
+    from .adapter_io import load_adapter
     from .generate import GenerateSettings, generate, write_outputs
+    from .mixing import AdapterWeights, Mix
     from .pipelines import load_base
 
     width = height = None
@@ -64,7 +83,16 @@ def cmd_generate(args) -> int:
         for role, report in base.quantize(args.quant).items():
             if not args.quiet:
                 print(f"{role}: {report}", file=sys.stderr)
-    results = generate(base, settings, progress=not args.quiet)
+    entries = {}
+    for i, spec in enumerate(args.adapter):
+        path, unet_w, te_w = parse_adapter_spec(spec)
+        weights = AdapterWeights(unet=unet_w, text_encoder=unet_w if te_w is None else te_w)  # validates first
+        loaded = load_adapter(base, path, f"a{i}")  # the same file may be given twice, with other weights
+        print(f"{path}: {loaded.file.format} {loaded.file.method}, {loaded.layers} layers", file=sys.stderr)
+        entries[loaded.name] = weights
+    results = generate(base, settings, progress=not args.quiet, mix=Mix(entries) if entries else None)
+    for r in results:
+        r.extra["adapters"] = [spec for spec in args.adapter]
     for path in write_outputs(results, Path(args.out), settings.num):
         print(path)
     return 0
@@ -94,9 +122,61 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
     g.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS), metavar="NAME",
                    help=f"sampler: {', '.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER})")
+    g.add_argument("--adapter", action="append", default=[], metavar="FILE[:W[:TE_W]]",
+                   help="apply an adapter (sdlora, kohya or diffusers file) with UNet weight W and text-encoder "
+                        "weight TE_W (both default 1; TE_W defaults to W); repeat to mix several")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="show an adapter file's format, method, ranks, alphas, targets, metadata",
+                       description="Read an adapter file (any supported layout) and describe it.")
+    i.add_argument("adapter", metavar="ADAPTER")
+    i.add_argument("--json", action="store_true", help="print everything as JSON, per-module ranks and alphas included")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("export", help="convert an adapter file to another layout",
+                       description="Write ADAPTER in another layout: sdlora (ours, full config), kohya (A1111, "
+                                   "ComfyUI, Forge) or diffusers (PEFT). Module names are resolved against --base.")
+    e.add_argument("adapter", metavar="ADAPTER")
+    e.add_argument("--format", required=True, choices=["sdlora", "kohya", "diffusers"])
+    e.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
+    add_base_flags(e)
+    e.set_defaults(func=cmd_export)
     return parser
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from .adapter_io import describe, read_adapter_file
+
+    info = describe(read_adapter_file(args.adapter), args.adapter)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    per_module = info.pop("per_module")
+    for key in ("file", "format", "method", "base_family", "modules", "modules_by_role", "ranks", "alphas",
+                "parameters", "size_bytes", "trigger_words"):
+        print(f"{key:>16}: {info[key]}")
+    for key, value in sorted(info["metadata"].items()):
+        print(f"{key:>16}: {value}")  # plain text: metadata is shown, never interpreted
+    print(f"{'per module':>16}: {len(per_module)} (use --json to list them)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .adapter_io import read_adapter_file, write_adapter_file
+    from .pipelines import load_base
+
+    if not args.out.endswith(".safetensors"):
+        raise SdloraError(f"--out {args.out} must end in .safetensors", "pass e.g. --out style.safetensors")
+    base = load_base(args.base, device="cpu", config=args.base_config)
+    af = read_adapter_file(args.adapter, base)
+    if af.base_family and af.base_family != base.family:
+        raise SdloraError(f"{args.adapter} is for {af.base_family}, but --base is {base.family}",
+                          f"pass --base with an {af.base_family} model")
+    print(write_adapter_file(af, args.out, args.format, base))
+    return 0
 
 
 def quiet_third_party() -> None:

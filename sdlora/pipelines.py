@@ -73,8 +73,10 @@ class Base:
     def add_adapter(self, name: str, config, *, targets: str = "attn", text_encoder: bool = False) -> int:
         """Wrap the preset's UNet layers (and the text encoders' with text_encoder=True) and build
         adapter `name` on them; VeRA goes on linear layers only. Returns the number of layers."""
+        from .adapter_io import check_name
         from .inject import add_adapter, text_encoder_targets, unet_targets, wrap
 
+        check_name(name)
         total = 0
         shared: dict = {}  # VeRA's projections, one pair per shape across the whole pipeline
         generator = torch.Generator().manual_seed(config.seed)  # one stream over every role, in order

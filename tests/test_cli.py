@@ -60,3 +60,60 @@ def test_generate_on_a_quantized_base_reports_its_bits(tmp_path):
 def test_help_lists_generate():
     proc = sdlora("--help")
     assert proc.returncode == 0 and "generate" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tmp_path_factory):
+    from sdlora.adapter_io import save_adapter
+    from sdlora.adapters import AdapterConfig
+    from sdlora.inject import adapter_layers
+    from sdlora.pipelines import load_base
+    from tests.core_helpers import randomize
+
+    folder = tmp_path_factory.mktemp("adapters")
+    base = load_base("embedded")
+    base.add_adapter("style", AdapterConfig(rank=4, alpha=4), targets="linear", text_encoder=True)
+    for model in base.models().values():
+        randomize(adapter_layers(model), "style", seed=1, std=0.3)
+    return {fmt: save_adapter(base, "style", folder / f"style-{fmt}.safetensors", fmt, trigger_words=["zdots"])
+            for fmt in ("sdlora", "kohya", "diffusers")}
+
+
+def test_inspect_and_inspect_json(adapter_files):
+    proc = sdlora("inspect", str(adapter_files["kohya"]))
+    assert proc.returncode == 0, proc.stderr
+    assert "format: kohya" in proc.stdout and "ss_network_dim: 4" in proc.stdout
+    info = json.loads(sdlora("inspect", str(adapter_files["sdlora"]), "--json").stdout)
+    assert (info["format"], info["method"], info["ranks"], info["trigger_words"]) == ("sdlora", "lora", [4], ["zdots"])
+
+
+def test_export_between_formats_keeps_the_weights(adapter_files, tmp_path):
+    out = tmp_path / "k.safetensors"
+    proc = sdlora("export", str(adapter_files["diffusers"]), "--format", "kohya", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    from safetensors.torch import load_file
+
+    assert load_file(str(out)).keys() == load_file(str(adapter_files["kohya"])).keys()
+
+
+def test_generate_with_adapters_in_every_format_gives_the_same_picture(adapter_files, tmp_path):
+    pictures = []
+    for fmt, path in adapter_files.items():
+        out = tmp_path / f"{fmt}.png"
+        proc = sdlora("generate", "a red circle", "--adapter", f"{path}:0.9:0.5", "--out", str(out), "--steps", "6",
+                      "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        pictures.append(np.asarray(Image.open(out), dtype=np.int16))
+    plain = tmp_path / "plain.png"
+    assert sdlora("generate", "a red circle", "--out", str(plain), "--steps", "6", "--quiet").returncode == 0
+    assert all(np.array_equal(p, pictures[0]) for p in pictures)
+    assert np.abs(pictures[0] - np.asarray(Image.open(plain), dtype=np.int16)).mean() > 1.0
+    assert json.loads(Image.open(tmp_path / "kohya.png").info["sdlora"])["adapters"] == [f"{adapter_files['kohya']}:0.9:0.5"]
+
+
+def test_generate_with_a_bad_adapter_says_so_in_one_line(tmp_path):
+    bad = tmp_path / "x.ckpt"
+    bad.write_bytes(b"pickle")
+    proc = sdlora("generate", "a red circle", "--adapter", f"{bad}:0.5", "--out", str(tmp_path / "o.png"))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "never unpickles" in lines[0]

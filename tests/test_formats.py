@@ -235,3 +235,27 @@ def test_inspect_reports_format_method_rank_alpha_targets(sd1_source, tmp_path):
     assert set(info["modules_by_role"]) == {"unet", "text_encoder"}
     assert info["metadata"]["ss_network_dim"] == "4" and info["metadata"]["modelspec.architecture"].startswith("stable-diffusion-v1")
     json.dumps(info)  # all of it serialises for --json
+
+
+@pytest.mark.slow
+def test_dora_file_in_diffusers_layout_loads_into_peft_with_our_outputs(sd1_source, tmp_path):
+    """diffusers' load_lora_weights cannot round-trip even its own DoRA files (0.26 off on the UNet
+    with diffusers 0.42.1), so PEFT's layers are the oracle: our file, loaded by PEFT itself."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = save_adapter(sd1_source, "dora", tmp_path / "d.safetensors", "diffusers")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    sd = load_file(str(path))
+    unet_sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
+    pipe = _diffusers_pipe()
+    pipe.unet.add_adapter(LoraConfig(r=meta["unet.r"], lora_alpha=meta["unet.lora_alpha"], use_dora=True,
+                                     target_modules=meta["unet.target_modules"]))
+    result = set_peft_model_state_dict(pipe.unet, unet_sd)
+    assert not result.unexpected_keys
+    te_hidden = outputs(sd1_source, "dora")[0]  # the UNet sees the same text-encoder output
+    ours = outputs(sd1_source, "dora", unet_hidden=te_hidden)[1]
+    theirs = outputs(_Theirs(pipe, "sd1"), unet_hidden=te_hidden)[1]
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)

@@ -87,7 +87,8 @@ def to_state_dict(af: AdapterFile, table: dict[str, str], family: str, title: st
         tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = m.down, m.up
         tensors[f"{name}.alpha"] = torch.tensor(float(m.alpha))
         if m.magnitude is not None:
-            tensors[f"{name}.dora_scale"] = m.magnitude.reshape(-1, 1)  # the output axis, as PEFT and ComfyUI read it
+            # On the output axis, first, as ComfyUI tells the axis by shape[0]: (out, 1) or (out, 1, 1, 1).
+            tensors[f"{name}.dora_scale"] = m.magnitude.reshape(-1, *([1] * (m.down.dim() - 1)))
     first = next(iter(af.modules.values()))
     dora = any(m.magnitude is not None for m in af.modules.values())
     metadata = {

@@ -39,7 +39,9 @@ def to_state_dict(af: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, s
             fp = _file_path(role, path)
             tensors[f"{fp}.lora_A.weight"], tensors[f"{fp}.lora_B.weight"] = m.down, m.up
             if m.magnitude is not None:
-                tensors[f"{fp}.lora_magnitude_vector"] = m.magnitude
+                # PEFT keeps a Conv2d's magnitude as (1, out, 1, 1), a Linear's as (out,).
+                conv = m.down.dim() == 4
+                tensors[f"{fp}.lora_magnitude_vector"] = m.magnitude.reshape(1, -1, 1, 1) if conv else m.magnitude
     return tensors, {METADATA_KEY: json.dumps(meta, sort_keys=True), "format": "pt"}
 
 
