@@ -142,7 +142,121 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
     add_base_flags(e)
     e.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("merge", help="merge adapters with weights into one",
+                       description="Merge adapters: sum_i w_i D_i per layer. Without --rank/--energy the merge is "
+                                   "exact (the ranks are concatenated); with one, each layer is cut to that rank by "
+                                   "SVD and the relative error is printed. DoRA adapters cannot be merged (bake them).")
+    m.add_argument("adapters", nargs="+", metavar="ADAPTER[:W[:TE_W]]")
+    m.add_argument("--out", required=True, metavar="FILE")
+    _add_rank_flags(m, required=False)
+    add_base_flags(m)
+    m.set_defaults(func=cmd_merge)
+
+    r = sub.add_parser("resize", help="change an adapter's rank by SVD",
+                       description="Cut every layer of an adapter to a rank, or to the rank that keeps an energy share, "
+                                   "by truncated SVD; prints the relative error.")
+    r.add_argument("adapter", metavar="ADAPTER")
+    r.add_argument("--out", required=True, metavar="FILE")
+    _add_rank_flags(r, required=True)
+    add_base_flags(r)
+    r.set_defaults(func=cmd_resize)
+
+    x = sub.add_parser("extract", help="extract a LoRA from a fine-tuned model",
+                       description="Truncated SVD of (tuned - base) for every target layer that changed.")
+    x.add_argument("--tuned", required=True, metavar="MODEL", help="the fine-tuned model (same kinds as --base)")
+    x.add_argument("--out", required=True, metavar="FILE")
+    x.add_argument("--targets", default="all", choices=["attn", "linear", "all"])
+    x.add_argument("--no-text-encoder", action="store_true", help="leave the text encoder(s) out")
+    _add_rank_flags(x, required=True)
+    add_base_flags(x)
+    x.set_defaults(func=cmd_extract)
+
+    b = sub.add_parser("bake", help="fuse a mix of adapters into the base and write a diffusers folder",
+                       description="Fuse ADAPTER[:W[:TE_W]]... into a float base (exactly) and save the pipeline "
+                                   "as a diffusers folder that any diffusers tool loads without adapters.")
+    b.add_argument("adapters", nargs="+", metavar="ADAPTER[:W[:TE_W]]")
+    b.add_argument("--out", required=True, metavar="DIR")
+    add_base_flags(b)
+    b.set_defaults(func=cmd_bake)
     return parser
+
+
+def _weighted(spec: str, base):
+    """Read FILE[:W[:TE_W]] with every module's scale times its role's weight."""
+    from .adapter_io import read_adapter_file
+
+    path, unet_w, te_w = parse_adapter_spec(spec)
+    te_w = unet_w if te_w is None else te_w
+    af = read_adapter_file(path, base)
+    for key, m in af.modules.items():
+        m.scale *= unet_w if key.startswith("unet/") else te_w
+    return af
+
+
+def _write_tool_output(af, args, base, report) -> int:
+    from .adapter_io import write_adapter_file
+
+    if not args.out.endswith(".safetensors"):
+        raise SdloraError(f"--out {args.out} must end in .safetensors", "pass e.g. --out merged.safetensors")
+    print(write_adapter_file(af, args.out, args.format, base))
+    print(report, file=sys.stderr)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .pipelines import load_base
+    from .tools.merge import merge
+
+    base = load_base(args.base, device="cpu", config=args.base_config)
+    merged, report = merge([(_weighted(spec, base), 1.0) for spec in args.adapters], args.rank, args.energy,
+                           family=base.family)
+    return _write_tool_output(merged, args, base, report)
+
+
+def cmd_resize(args) -> int:
+    from .adapter_io import read_adapter_file
+    from .pipelines import load_base
+    from .tools.merge import resize
+
+    base = load_base(args.base, device="cpu", config=args.base_config)
+    resized, report = resize(read_adapter_file(args.adapter, base), args.rank, args.energy)
+    return _write_tool_output(resized, args, base, report)
+
+
+def cmd_extract(args) -> int:
+    from .pipelines import load_base
+    from .tools.extract import extract
+
+    base = load_base(args.base, device="cpu", config=args.base_config)
+    tuned = load_base(args.tuned, device="cpu")
+    af, report = extract(base, tuned, args.targets, not args.no_text_encoder, args.rank, args.energy)
+    return _write_tool_output(af, args, base, report)
+
+
+def cmd_bake(args) -> int:
+    from .adapter_io import load_adapter
+    from .mixing import AdapterWeights, Mix
+    from .pipelines import load_base
+    from .tools.bake import bake
+
+    base = load_base(args.base, device="cpu", config=args.base_config)
+    entries = {}
+    for i, spec in enumerate(args.adapters):
+        path, unet_w, te_w = parse_adapter_spec(spec)
+        weights = AdapterWeights(unet=unet_w, text_encoder=unet_w if te_w is None else te_w)
+        entries[load_adapter(base, path, f"a{i}").name] = weights
+    print(bake(base, Mix(entries), args.out))
+    return 0
+
+
+def _add_rank_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--rank", type=int, help="keep this rank per module (truncated SVD)")
+    g.add_argument("--energy", type=float, help="keep the fewest singular values holding this share of the energy, "
+                                                "e.g. 0.95")
+    p.add_argument("--format", default="sdlora", choices=["sdlora", "kohya", "diffusers"],
+                   help="layout of the written file (default sdlora)")
 
 
 def cmd_inspect(args) -> int:

@@ -117,3 +117,27 @@ def test_generate_with_a_bad_adapter_says_so_in_one_line(tmp_path):
     proc = sdlora("generate", "a red circle", "--adapter", f"{bad}:0.5", "--out", str(tmp_path / "o.png"))
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "never unpickles" in lines[0]
+
+
+def test_merge_resize_bake_and_extract_from_the_command_line(adapter_files, tmp_path):
+    merged = tmp_path / "merged.safetensors"
+    # the same adapter twice at half weight is the adapter once, exactly
+    proc = sdlora("merge", f"{adapter_files['sdlora']}:0.5", f"{adapter_files['kohya']}:0.5", "--out", str(merged))
+    assert proc.returncode == 0 and "relative error 0" in proc.stderr, proc.stderr
+    small = tmp_path / "small.safetensors"
+    proc = sdlora("resize", str(merged), "--rank", "4", "--format", "kohya", "--out", str(small))
+    assert proc.returncode == 0, proc.stderr
+    err = float(proc.stderr.strip().rsplit(" ", 1)[-1])
+    assert err < 1e-5  # rank 4 holds the rank-4 original whole
+    baked = tmp_path / "baked"
+    assert sdlora("bake", f"{small}:1.0", "--out", str(baked)).returncode == 0
+    pics = []
+    for args in (["--base", str(baked)], ["--adapter", str(adapter_files["sdlora"])]):
+        out = tmp_path / f"p{len(pics)}.png"
+        assert sdlora("generate", "a red circle", "--out", str(out), "--steps", "5", "--quiet", *args).returncode == 0
+        pics.append(np.asarray(Image.open(out), dtype=np.int16))
+    assert np.abs(pics[0] - pics[1]).max() <= 1  # the baked base draws what base + adapter draws
+    proc = sdlora("extract", "--tuned", str(baked), "--rank", "4", "--out", str(tmp_path / "x.safetensors"))
+    assert proc.returncode == 0 and float(proc.stderr.strip().rsplit(" ", 1)[-1]) < 1e-4, proc.stderr
+    proc = sdlora("resize", str(merged), "--out", str(tmp_path / "y.safetensors"))
+    assert proc.returncode == 2  # argparse: --rank or --energy is required

@@ -17,8 +17,9 @@ from sdlora.pipelines import load_base
 from tests.core_helpers import randomize, same_bits, snapshot
 
 
-def outputs(base, name=None, unet_hidden=None):
-    """(text-encoder hidden states, UNet output) for fixed inputs, with adapter `name` at weight 1."""
+def outputs(base, name=None, unet_hidden=None, mix=None):
+    """(text-encoder hidden states, UNet output) for fixed inputs, with adapter `name` at weight 1
+    (or with `mix`)."""
     g = torch.Generator().manual_seed(0)
     unet = base.pipe.unet
     sample = torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size, generator=g)
@@ -27,7 +28,7 @@ def outputs(base, name=None, unet_hidden=None):
     if base.family == "sdxl":
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 32, generator=g),
                                        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
-    mix = Mix({name: 1.0}) if name else None
+    mix = mix or (Mix({name: 1.0}) if name else None)
     with torch.no_grad(), base.mixer.apply(mix, mode="unfused"):
         te = base.pipe.text_encoder(ids)[0]
         hidden = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g) if unet_hidden is None else unet_hidden

@@ -1,0 +1,1 @@
+"""Whole-adapter operations: merge, resize, extract, bake."""
