@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .adapters import DoraAdapter, LoraAdapter, VeraAdapter
+from .adapters.delta import DeltaAdapter
 from .errors import SdloraError
 from .formats import kohya, native, peft
 from .formats.adapter import AdapterFile, ModuleWeights
@@ -110,8 +111,10 @@ def read_adapter_file(path: str | Path, base=None) -> AdapterFile:
         return native.from_state_dict(tensors, metadata, path)
     if fmt == "diffusers":
         return peft.from_state_dict(tensors, metadata, path)
+    shapes = None
     if base is not None:
         inverse = kohya.inverse_table(kohya_table(base), base.family)
+        shapes = _weight_shapes(base)
     else:
         prefixes = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                     "lora_te2_": "text_encoder_2"}
@@ -121,7 +124,19 @@ def read_adapter_file(path: str | Path, base=None) -> AdapterFile:
             role = next((r for p, r in prefixes.items() if name.startswith(p)), None)
             if role:
                 inverse[name] = f"{role}/{name}"
-    return kohya.from_state_dict(tensors, metadata, inverse, path)
+    return kohya.from_state_dict(tensors, metadata, inverse, path, shapes)
+
+
+def _weight_shapes(base) -> dict[str, tuple]:
+    from .adapters.layer import AdapterLayer, geometry_of
+
+    shapes = {}
+    for role, paths in _modules_of(base).items():
+        model = base.models()[role]
+        for p in paths:
+            m = model.get_submodule(p)
+            shapes[f"{role}/{p}"] = (m.geometry if isinstance(m, AdapterLayer) else geometry_of(m)).weight_shape
+    return shapes
 
 
 @dataclass
@@ -151,6 +166,12 @@ def _check_against_base(af: AdapterFile, base, path: str) -> list[tuple[str, str
         from .adapters.layer import AdapterLayer, geometry_of
 
         geom = module.geometry if isinstance(module, AdapterLayer) else geometry_of(module)
+        if m.dense is not None:
+            if tuple(m.dense.shape) != geom.weight_shape:
+                raise SdloraError(f"{path}: module '{key}' makes a {tuple(m.dense.shape)} delta, but the base's layer "
+                                  f"is {geom.weight_shape}", f"the adapter was made for another base than this {base.family} one")
+            plan.append((role, mpath, m))
+            continue
         want_down = (m.rank, geom.in_features, *(geom.kernel_size or ()))
         want_up = (geom.out_features, m.rank, *((1, 1) if geom.is_conv else ()))
         if tuple(m.down.shape) != want_down or tuple(m.up.shape) != want_up:
@@ -225,7 +246,9 @@ def _build(layer, m: ModuleWeights, af: AdapterFile, shared: dict):
     g = layer.geometry
     device = next(layer.base_layer.parameters()).device
     with torch.no_grad():
-        if m.method == "vera" and af.format == "sdlora":
+        if m.dense is not None:
+            a = DeltaAdapter(g, m.dense)
+        elif m.method == "vera" and af.format == "sdlora":
             a = VeraAdapter(g, m.rank, seed=int(af.config.get("seed", 0)), shared=shared)
             a.vera_d.copy_(m.vera_d)
             a.vera_b.copy_(m.vera_b)
@@ -244,14 +267,16 @@ def describe(af: AdapterFile, path: str) -> dict:
     for key in af.modules:
         role = key.split("/", 1)[0]
         by_role[role] = by_role.get(role, 0) + 1
-    ranks = sorted({m.rank for m in af.modules.values()})
-    alphas = sorted({round(m.alpha, 6) for m in af.modules.values()})
-    params = sum(m.down.numel() + m.up.numel() for m in af.modules.values())
+    pairs = [m for m in af.modules.values() if m.dense is None]
+    ranks = sorted({m.rank for m in pairs})
+    alphas = sorted({round(m.alpha, 6) for m in pairs})
+    params = sum(m.down.numel() + m.up.numel() for m in pairs) + sum(m.dense.numel() for m in af.modules.values()
+                                                                     if m.dense is not None)
     return {
         "file": path, "format": af.format, "method": af.method, "base_family": af.base_family,
         "modules": len(af.modules), "modules_by_role": by_role, "ranks": ranks, "alphas": alphas,
         "parameters": params, "size_bytes": Path(path).stat().st_size, "trigger_words": af.trigger_words,
         "config": af.config, "training": af.training,
         "metadata": {k: v for k, v in af.extra_metadata.items() if k != "unknown_keys"},
-        "per_module": {k: {"rank": m.rank, "alpha": round(m.alpha, 6)} for k, m in af.modules.items()},
+        "per_module": {k: {"method": m.method, "rank": m.rank, "alpha": round(m.alpha, 6)} for k, m in af.modules.items()},
     }

@@ -14,16 +14,20 @@ class ModuleWeights:
     """One adapted module. D = scale * up @ down (LoRA/LoCon), DoRA adds `magnitude` (out,),
     VeRA keeps its trained vectors (down/up are then the equivalent plain pair)."""
 
-    method: str  # "lora" | "dora" | "vera"
-    down: torch.Tensor  # (r, in) or (r, in, kh, kw)
-    up: torch.Tensor  # (out, r) or (out, r, 1, 1)
+    method: str  # "lora" | "dora" | "vera" | "loha" | "lokr"
+    down: torch.Tensor | None  # (r, in) or (r, in, kh, kw); None for a dense delta
+    up: torch.Tensor | None  # (out, r) or (out, r, 1, 1)
     scale: float  # alpha / r as applied
     magnitude: torch.Tensor | None = None  # DoRA: (out,)
     vera_d: torch.Tensor | None = None  # VeRA: (r,)
     vera_b: torch.Tensor | None = None  # VeRA: (out,)
+    dense: torch.Tensor | None = None  # LoHa/LoKr: D itself, the layer's weight shape or (out, in*kh*kw)
 
     @property
     def rank(self) -> int:
+        """The pair's rank; for a dense delta, the largest rank it can have."""
+        if self.dense is not None:
+            return min(self.dense.shape[0], self.dense[0].numel())
         return self.down.shape[0]
 
     @property
@@ -44,6 +48,9 @@ class AdapterFile:
     trigger_words: list[str] = field(default_factory=list)
     training: dict = field(default_factory=dict)
     extra_metadata: dict = field(default_factory=dict)  # metadata we read but do not interpret
+
+    def dense_modules(self) -> list[str]:
+        return [k for k, m in self.modules.items() if m.dense is not None]
 
     def roles(self) -> list[str]:
         return sorted({k.split("/", 1)[0] for k in self.modules})

@@ -79,6 +79,7 @@ def inverse_table(table: dict[str, str], family: str) -> dict[str, str]:
 
 
 def to_state_dict(af: AdapterFile, table: dict[str, str], family: str, title: str = "") -> tuple[dict, dict]:
+    refuse_dense(af)
     tensors: dict[str, torch.Tensor] = {}
     for key, m in af.modules.items():
         if key not in table:
@@ -109,25 +110,39 @@ def to_state_dict(af: AdapterFile, table: dict[str, str], family: str, title: st
     return tensors, metadata
 
 
-def from_state_dict(tensors: dict, metadata: dict, inverse_table: dict[str, str], path: str) -> AdapterFile:
-    """inverse_table: kohya module name -> canonical "role/path" of the base it is loaded into.
+def refuse_dense(af: AdapterFile) -> None:
+    dense = af.dense_modules()
+    if dense:
+        raise SdloraError(f"{len(dense)} module(s) are LoHa/LoKr deltas ({dense[0]}), which only generation reads",
+                          "turn the adapter into a LoRA first: sdlora resize FILE --rank R --out LORA.safetensors")
+
+
+def from_state_dict(tensors: dict, metadata: dict, inverse_table: dict[str, str], path: str,
+                    weight_shapes: dict[str, tuple] | None = None) -> AdapterFile:
+    """inverse_table: kohya module name -> canonical "role/path" of the base it is loaded into;
+    weight_shapes: canonical key -> the layer's weight shape (LoHa/LoKr deltas take it).
     Modules the base does not have are listed in extra_metadata['unknown_keys']."""
-    lycoris = sorted({k.split(".")[0] for k in tensors if any(p in k for p in _LYCORIS)})
-    if lycoris:
-        raise SdloraError(f"{path} is a LyCORIS LoHa/LoKr file ({lycoris[0]}, ...), which sdlora cannot read yet",
-                          "use a LoRA/LoCon/DoRA file, or convert it to LoRA with LyCORIS' tools")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key, t in tensors.items():
         name, _, part = key.partition(".")
-        if part not in _PARTS:
-            unknown.append(key)
-        elif name not in inverse_table:
+        lyco = part.removesuffix(".weight") if part.startswith(_LYCORIS) else None
+        if (part not in _PARTS and lyco is None) or name not in inverse_table:
             unknown.append(key)
         else:
-            parts.setdefault(name, {})[_PARTS[part]] = t
+            parts.setdefault(name, {})[lyco or _PARTS[part]] = t
     modules = {}
     for name, p in parts.items():
+        kinds = {k.split("_")[0] for k in p if k.startswith(_LYCORIS)}
+        if kinds:
+            from .lycoris import loha_delta, lokr_delta
+
+            flat = loha_delta(p, name, path) if "hada" in kinds else lokr_delta(p, name, path)
+            key = inverse_table[name]
+            shape = (weight_shapes or {}).get(key)
+            dense = flat.reshape(shape) if shape is not None and flat.numel() == torch.Size(shape).numel() else flat
+            modules[key] = ModuleWeights("loha" if "hada" in kinds else "lokr", None, None, 1.0, dense=dense)
+            continue
         if "down" not in p or "up" not in p:
             raise SdloraError(f"{path}: module '{name}' lacks lora_down or lora_up", "re-export the adapter")
         rank = p["down"].shape[0]
@@ -138,7 +153,8 @@ def from_state_dict(tensors: dict, metadata: dict, inverse_table: dict[str, str]
                               "only output-axis DoRA scales (PEFT, ComfyUI) are supported")
         modules[inverse_table[name]] = ModuleWeights("dora" if mag is not None else "lora", p["down"], p["up"],
                                                      alpha / rank, magnitude=None if mag is None else mag.reshape(-1))
-    method = "dora" if any(m.magnitude is not None for m in modules.values()) else "lora"
+    methods = {m.method for m in modules.values()}
+    method = next(iter(methods)) if len(methods) == 1 else "+".join(sorted(methods))
     trigger = [w.strip() for w in metadata.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
     af = AdapterFile(modules, method, family_of(tensors, metadata), "kohya", trigger_words=trigger)
     af.extra_metadata = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec."))}

@@ -19,6 +19,9 @@ def is_native(metadata: dict) -> bool:
 
 
 def to_state_dict(af: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from .kohya import refuse_dense
+
+    refuse_dense(af)
     tensors: dict[str, torch.Tensor] = {}
     for key, m in af.modules.items():
         tensors[f"{key}/scale"] = torch.tensor(float(m.scale))

@@ -25,6 +25,9 @@ def _file_path(role: str, path: str) -> str:
 
 
 def to_state_dict(af: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from .kohya import refuse_dense
+
+    refuse_dense(af)
     tensors: dict[str, torch.Tensor] = {}
     meta: dict = {}
     for role in af.roles():

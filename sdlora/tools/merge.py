@@ -49,18 +49,23 @@ def merge(adapters: list[tuple[AdapterFile, float]], rank: int | None = None, en
     kept = 0
     for key in keys:
         parts = [(af.modules[key], w) for af, w in adapters if key in af.modules]
-        shapes = {(p.up.shape[0], *p.down.shape[1:]) for p, _ in parts}
+        shapes = {tuple(p.dense.shape) if p.dense is not None else (p.up.shape[0], *p.down.shape[1:])
+                  for p, _ in parts}
         if len(shapes) > 1:
             raise SdloraError(f"module '{key}' has different shapes in the adapters: {sorted(shapes)}",
                               "merge adapters made for one base")
-        kernel = tuple(parts[0][0].down.shape[2:])
+        first = parts[0][0]
+        kernel = tuple((first.dense if first.dense is not None else first.down).shape[2:])
+        if any(p.dense is not None for p, _ in parts) and rank is None and energy is None:
+            raise SdloraError(f"module '{key}' is a LoHa/LoKr delta, not a low-rank pair", "pass --rank or --energy")
         if rank is None and energy is None:
             down = torch.cat([p.down.float() for p, _ in parts])
             up = torch.cat([(w * p.scale) * p.up.float() for p, w in parts], dim=1)
             modules[key] = ModuleWeights("lora", down, up, 1.0)
             kept = max(kept, down.shape[0])
             continue
-        delta = sum(w * dense(p.down, p.up, p.scale) for p, w in parts)
+        delta = sum(w * (p.dense.reshape(p.dense.shape[0], -1).double() if p.dense is not None
+                         else dense(p.down, p.up, p.scale)) for p, w in parts)
         down, up, r, err, total = truncate(delta, kernel, rank, energy)
         modules[key] = ModuleWeights("lora", down, up, 1.0)
         err_sq, norm_sq, kept = err_sq + err, norm_sq + total, max(kept, r)

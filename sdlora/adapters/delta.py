@@ -1,0 +1,36 @@
+"""A dense weight delta: how imported LyCORIS LoHa and LoKr adapters run (their updates are
+Hadamard and Kronecker products, not low-rank pairs). D is stored whole, W0's shape."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Adapter, BaseGeometry
+
+
+class DeltaAdapter(Adapter):
+    method = "delta"
+    low_rank = False
+
+    def __init__(self, geometry: BaseGeometry, delta: torch.Tensor):
+        if tuple(delta.shape) != geometry.weight_shape:
+            raise ValueError(f"delta {tuple(delta.shape)} does not fit a layer of {geometry.weight_shape}")
+        super().__init__(geometry, rank=min(geometry.out_features, geometry.in_features), scale=1.0)
+        self.delta = nn.Parameter(delta.detach().clone().float(), requires_grad=False)
+
+    def pair(self):
+        raise TypeError("a dense delta has no low-rank pair; resize it to LoRA first")
+
+    def b_side(self):
+        return []
+
+    def delta_weight(self, w0=None) -> torch.Tensor:
+        return self.delta
+
+    def output_delta(self, x: torch.Tensor, base_out_nobias: torch.Tensor, w0_fn) -> torch.Tensor:
+        d = self.delta.to(x.dtype)
+        if self.geometry.is_conv:
+            return F.conv2d(x, d, **self.geometry.conv_args)
+        return F.linear(x, d)
