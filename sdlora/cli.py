@@ -173,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_extract)
 
     b = sub.add_parser("bake", help="fuse a mix of adapters into the base and write a diffusers folder",
-                       description="Fuse ADAPTER[:W[:TE_W]]... into a float base (exactly) and save the pipeline "
-                                   "as a diffusers folder that any diffusers tool loads without adapters.")
+                       description="Fuse ADAPTER[:W[:TE_W]]... into the base and save the pipeline as a diffusers "
+                                   "folder that any diffusers tool loads without adapters. Exact for a float base; "
+                                   "with --quant, each changed layer is dequantized, merged and requantized, the "
+                                   "folder holds what the quantized model computes, and the error is printed.")
     b.add_argument("adapters", nargs="+", metavar="ADAPTER[:W[:TE_W]]")
     b.add_argument("--out", required=True, metavar="DIR")
     add_base_flags(b)
@@ -241,12 +243,16 @@ def cmd_bake(args) -> int:
     from .tools.bake import bake
 
     base = load_base(args.base, device="cpu", config=args.base_config)
+    if args.quant != "none":
+        base.quantize(args.quant)
     entries = {}
     for i, spec in enumerate(args.adapters):
         path, unet_w, te_w = parse_adapter_spec(spec)
         weights = AdapterWeights(unet=unet_w, text_encoder=unet_w if te_w is None else te_w)
         entries[load_adapter(base, path, f"a{i}").name] = weights
-    print(bake(base, Mix(entries), args.out))
+    report = bake(base, Mix(entries), args.out)
+    print(report.folder)
+    print(report, file=sys.stderr)
     return 0
 
 

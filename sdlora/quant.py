@@ -49,6 +49,7 @@ class QuantConv2d(nn.Module):
         self.kernel_size, self.stride, self.padding, self.dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
         self.groups, self.padding_mode = 1, "zeros"
         self.compute_dtype = compute_dtype
+        self.quant_type, self.double_quant = quant_type, double_quant
         # Moving a Params4bit to a device is what quantizes it: done here, so no float copy lingers.
         self.weight = _params4bit(conv.weight.reshape(conv.out_channels, -1), quant_type, double_quant).to(device)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone().to(device),
@@ -115,6 +116,58 @@ def int8_row_scales(layer: nn.Module) -> torch.Tensor:
     it to the layer's matmul state."""
     scb = getattr(layer.weight, "SCB", None)
     return scb if scb is not None else layer.state.SCB
+
+
+def requantized(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` put through the same quantization as `layer` and back: what a layer of that kind
+    holding `weight` computes with."""
+    bnb = _bnb()
+    weight = weight.detach().float().cpu()
+    if isinstance(layer, QuantConv2d):
+        conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, bias=False)
+        conv.weight.data = weight
+        return QuantConv2d(conv, layer.quant_type, layer.double_quant).dequantize()
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    lin.weight.data = weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        q = quantize_linear(lin, layer.weight.quant_type, layer.weight.compress_statistics)
+    elif isinstance(layer, bnb.nn.Linear8bitLt):
+        q = quantize_linear(lin, "int8")
+    else:
+        return weight
+    return dequantized_weight(q).float()
+
+
+def float_state_dict(model: nn.Module, replace: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict as its float original would have it: quantized layers dequantized,
+    adapter wrappers seen through (their adapters left out), and `replace` (module name -> weight)
+    used for those modules' weights."""
+    from .adapters.layer import AdapterLayer
+
+    replace = replace or {}
+    out: dict[str, torch.Tensor] = {}
+
+    def visit(module: nn.Module, name: str) -> None:
+        if isinstance(module, AdapterLayer):
+            visit(module.base_layer, name)  # same name: the wrapper stands where the layer stood
+            return
+        prefix = f"{name}." if name else ""
+        if is_quantized(module):
+            w = replace.get(name)
+            out[prefix + "weight"] = (w if w is not None else dequantized_weight(module)).float().cpu()
+            if module.bias is not None:
+                out[prefix + "bias"] = module.bias.detach().float().cpu()
+            return
+        for pname, p in module.named_parameters(recurse=False):
+            out[prefix + pname] = (replace[name] if pname == "weight" and name in replace else p).detach().cpu()
+        for bname, b in module.named_buffers(recurse=False):
+            if bname not in module._non_persistent_buffers_set:
+                out[prefix + bname] = b.detach().cpu()
+        for cname, child in module.named_children():
+            visit(child, prefix + cname)
+
+    visit(model, "")
+    return out
 
 
 @dataclass(frozen=True)

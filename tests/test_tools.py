@@ -72,7 +72,9 @@ def test_bake_then_extract_round_trip(two, tmp_path):
     mix = Mix({"a": 0.7, "b": -0.4})
     before = snapshot(base.pipe.unet)
     expected = outputs(base, mix=mix)
-    folder = bake(base, mix, tmp_path / "baked")
+    report = bake(base, mix, tmp_path / "baked")
+    folder = report.folder
+    assert report.requantization_error == 0.0 and report.layers > 0
     assert same_bits(before, snapshot(base.pipe.unet))  # the base is as it was, adapters included
     baked = load_base(str(folder))
     for got, want in zip(outputs(baked), expected):
@@ -86,3 +88,37 @@ def test_bake_then_extract_round_trip(two, tmp_path):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     with pytest.raises(SdloraError, match="exists and is not empty"):
         bake(base, mix, folder)
+
+
+@pytest.mark.slow
+def test_bake_into_a_quantized_base_requantizes_and_reports(two, tmp_path):
+    _, files = two
+    base = load_base("embedded")
+    base.quantize("nf4")
+    load_adapter(base, files["a"], "a")
+    before = snapshot(base.pipe.unet)
+    report = bake(base, Mix({"a": 0.8}), tmp_path / "q")
+    assert same_bits(before, snapshot(base.pipe.unet))
+    print(f"\n{report}")
+    assert report.requantization_error > 0
+    baked = load_base(str(report.folder))
+    from sdlora.quant import dequantized_weight
+
+    # an untouched quantized layer is written as exactly its dequantized weights
+    name = "time_embedding.linear_1"  # quantized, and not in any preset
+    assert torch.equal(baked.pipe.unet.get_submodule(name).weight, dequantized_weight(base.pipe.unet.get_submodule(name)))
+    # a changed layer holds W0 + 0.8 D put through a fresh NF4 quantization, computed here apart
+    import bitsandbytes as bnb
+
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    layer = base.pipe.unet.get_submodule(name)
+    with torch.no_grad():
+        merged = dequantized_weight(layer.base_layer) + 0.8 * layer.adapters["a"].delta_weight()
+        q = bnb.nn.Params4bit(merged.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
+        expected = bnb.functional.dequantize_4bit(q.data, q.quant_state)
+    assert torch.equal(baked.pipe.unet.get_submodule(name).weight, expected)
+    # requantizing re-rounds every weight of a changed layer (a fresh NF4 error, ~9% per layer), so
+    # the outputs agree only roughly with the quantized base + mix; this bound guards regressions
+    want = outputs(base, mix=Mix({"a": 0.8}))
+    for got, w in zip(outputs(baked), want):
+        assert float((got - w).norm() / w.norm()) < 0.3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -25,30 +26,88 @@ def _put_back(model: nn.Module, layers: dict) -> None:
             setattr(parent, child, layer)
 
 
-def bake(base, mix, out_dir: str | Path) -> Path:
-    """Fuse `mix` into a float base and save the whole pipeline to `out_dir` (written to a
-    temporary sibling, then renamed). The base itself is left exactly as it was."""
-    quantized = [n for n, layer in base.mixer.layers().items() if is_quantized(layer.base_layer)]
-    if quantized:
-        raise SdloraError(f"baking into a quantized base is not supported yet ({quantized[0]} is quantized)",
-                          "load the base with --quant none; its weights are then exact")
+@dataclass
+class BakeReport:
+    folder: Path
+    layers: int  # layers the mix changed
+    requantization_error: float  # ||requant(W0 + D) - (W0 + D)|| / ||D||, over those layers; 0 for float bases
+
+    def __str__(self):
+        text = f"{self.folder}: {self.layers} layers baked"
+        if self.requantization_error:
+            text += (f"; requantization error {self.requantization_error:.1%} of the mix's change (Frobenius norms); "
+                     "bake into a float base (--quant none) for an exact result")
+        return text
+
+
+def bake(base, mix, out_dir: str | Path) -> BakeReport:
+    """Fuse `mix` into the base and save the whole pipeline to `out_dir` (written to a temporary
+    sibling, then renamed). Float bases: exact. Quantized bases: each changed layer is dequantized,
+    merged and requantized the way it was quantized, and the folder holds those values as float
+    weights, so it computes what the quantized model would; the error is reported. The base
+    itself is left exactly as it was."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise SdloraError(f"{out} exists and is not empty", "pass a new folder to --out")
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    quantized = any(is_quantized(layer.base_layer) for layer in base.mixer.layers().values()) or base.quant
+    try:
+        layers, err = (_bake_quantized if quantized else _bake_float)(base, mix, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return BakeReport(out, layers, err)
+
+
+def _bake_quantized(base, mix, tmp: Path) -> tuple[int, float]:
+    import torch
+
+    from ..quant import float_state_dict, requantized
+
+    base.mixer._validate([mix], "unfused")  # the same checks as any call: names loaded, weights sane
+    lost_sq = change_sq = 0.0
+    changed = 0
+    new_models = {}
+    for role, model in base.models().items():
+        replace = {}
+        for name, layer in adapter_layers(model).items():
+            weights = {n: w.weight_for(layer.region, 0) for n, w in mix.adapters.items() if n in layer.adapters}
+            weights = {n: w for n, w in weights.items() if w != 0.0}
+            if not weights:
+                continue
+            with torch.no_grad():
+                delta = layer.delta_weight(weights).float().cpu()
+                merged = layer.base_weight().float().cpu() + delta
+                replace[name] = requantized(layer.base_layer, merged).reshape(merged.shape)
+            lost_sq += float((replace[name] - merged).pow(2).sum())
+            change_sq += float(delta.pow(2).sum())
+            changed += 1
+        sd = float_state_dict(model, replace)
+        fresh = type(model).from_config(model.config) if hasattr(type(model), "from_config") else type(model)(model.config)
+        fresh.load_state_dict(sd, strict=True)
+        new_models[role] = fresh
+    components = dict(base.pipe.components)
+    components.update(new_models)
+    if "safety_checker" in components:
+        components["requires_safety_checker"] = False
+    type(base.pipe)(**components).save_pretrained(tmp, safe_serialization=True)
+    return changed, (lost_sq / change_sq) ** 0.5 if change_sq else 0.0
+
+
+def _bake_float(base, mix, tmp: Path) -> tuple[int, float]:
+    changed = 0
     with base.mixer.apply(mix, mode="fused"):
         wrappers = {role: adapter_layers(model) for role, model in base.models().items()}
+        changed = sum(1 for layers in wrappers.values() for layer in layers.values()
+                      if any(mix.adapters[n].weight_for(layer.region, 0) for n in mix.adapters if n in layer.adapters))
         try:
             for model in base.models().values():
                 unwrap(model)  # the plain modules, now holding W0 + sum w_i D_i
             base.pipe.save_pretrained(tmp, safe_serialization=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         finally:
             for role, model in base.models().items():
                 _put_back(model, wrappers[role])
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    return out
+    return changed, 0.0
