@@ -35,11 +35,15 @@ def pick_device(name: str) -> str:
     return name
 
 
-def add_base_flags(p: argparse.ArgumentParser) -> None:
+def add_base_flags(p: argparse.ArgumentParser, runs_model: bool = True) -> None:
+    """--base and --base-config; with runs_model (commands that compute with the base) also
+    --device and --quant."""
     p.add_argument("--base", default="embedded", help=f"the base model: {BASE_HELP}")
     p.add_argument("--base-config", metavar="DIR", default=None,
                    help="for a single-file --base: a diffusers folder of the same architecture whose configs "
                         "and tokenizer are used, so nothing is fetched from the hub")
+    if not runs_model:
+        return
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
     p.add_argument("--quant", default="none", choices=["none", "nf4", "fp4", "int8"],
                    help="hold the UNet and text encoder(s) in 4 or 8 bits: NF4/FP4 with double quantization on "
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("adapter", metavar="ADAPTER")
     e.add_argument("--format", required=True, choices=["sdlora", "kohya", "diffusers"])
     e.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
-    add_base_flags(e)
+    add_base_flags(e, runs_model=False)
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("merge", help="merge adapters with weights into one",
@@ -150,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("adapters", nargs="+", metavar="ADAPTER[:W[:TE_W]]")
     m.add_argument("--out", required=True, metavar="FILE")
     _add_rank_flags(m, required=False)
-    add_base_flags(m)
+    add_base_flags(m, runs_model=False)
     m.set_defaults(func=cmd_merge)
 
     r = sub.add_parser("resize", help="change an adapter's rank by SVD",
@@ -159,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("adapter", metavar="ADAPTER")
     r.add_argument("--out", required=True, metavar="FILE")
     _add_rank_flags(r, required=True)
-    add_base_flags(r)
+    add_base_flags(r, runs_model=False)
     r.set_defaults(func=cmd_resize)
 
     x = sub.add_parser("extract", help="extract a LoRA from a fine-tuned model",
@@ -169,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--targets", default="all", choices=["attn", "linear", "all"])
     x.add_argument("--no-text-encoder", action="store_true", help="leave the text encoder(s) out")
     _add_rank_flags(x, required=True)
-    add_base_flags(x)
+    add_base_flags(x, runs_model=False)
     x.set_defaults(func=cmd_extract)
 
     b = sub.add_parser("bake", help="fuse a mix of adapters into the base and write a diffusers folder",
@@ -242,7 +246,7 @@ def cmd_bake(args) -> int:
     from .pipelines import load_base
     from .tools.bake import bake
 
-    base = load_base(args.base, device="cpu", config=args.base_config)
+    base = load_base(args.base, device=pick_device(args.device), config=args.base_config)
     if args.quant != "none":
         base.quantize(args.quant)
     entries = {}
