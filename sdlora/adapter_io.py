@@ -16,6 +16,7 @@ import torch
 
 from .adapters import DoraAdapter, LoraAdapter, VeraAdapter
 from .adapters.delta import DeltaAdapter
+from .adapters.layer import AdapterLayer, geometry_of
 from .errors import SdloraError
 from .formats import kohya, native, peft
 from .formats.adapter import AdapterFile, ModuleWeights
@@ -128,8 +129,6 @@ def read_adapter_file(path: str | Path, base=None) -> AdapterFile:
 
 
 def _weight_shapes(base) -> dict[str, tuple]:
-    from .adapters.layer import AdapterLayer, geometry_of
-
     shapes = {}
     for role, paths in _modules_of(base).items():
         model = base.models()[role]
@@ -161,11 +160,9 @@ def _check_against_base(af: AdapterFile, base, path: str) -> list[tuple[str, str
                               "is the adapter for another family of base?")
         try:
             module = models[role].get_submodule(mpath)
-        except AttributeError:
-            continue  # reported as unknown below
-        from .adapters.layer import AdapterLayer, geometry_of
-
-        geom = module.geometry if isinstance(module, AdapterLayer) else geometry_of(module)
+            geom = module.geometry if isinstance(module, AdapterLayer) else geometry_of(module)
+        except (AttributeError, TypeError, ValueError):
+            continue  # no such module, or not a layer an adapter can sit on: reported as unknown below
         if m.dense is not None:
             if tuple(m.dense.shape) != geom.weight_shape:
                 raise SdloraError(f"{path}: module '{key}' makes a {tuple(m.dense.shape)} delta, but the base's layer "
@@ -197,7 +194,8 @@ def load_adapter(base, path: str | Path, name: str | None = None) -> Loaded:
     af = read_adapter_file(path, base)
     plan = _check_against_base(af, base, path)
     unknown = list(af.extra_metadata.get("unknown_keys", []))
-    unknown += [k for k in af.modules if k.split("/", 1)[1] not in {p for _, p, _ in plan}]
+    planned = {f"{role}/{mpath}" for role, mpath, _ in plan}
+    unknown += [k for k in af.modules if k not in planned]
     notes = []
     if unknown:
         notes.append(f"{path}: {len(unknown)} key(s) match nothing in the base and were ignored: "
@@ -207,12 +205,12 @@ def load_adapter(base, path: str | Path, name: str | None = None) -> Loaded:
     added: list = []  # layers given the adapter, to undo on failure
     newly_wrapped: list = []
     shared: dict = {}
+    wrapped_before = {role: set(adapter_layers(model)) for role, model in models.items()}
     try:
         for role, mpath, m in plan:
             model = models[role]
-            was_wrapped = mpath in adapter_layers(model)
             layer = wrap(model, [mpath], role)[mpath]
-            if not was_wrapped:
+            if mpath not in wrapped_before[role]:
                 newly_wrapped.append((model, mpath))
             layer.add_adapter(name, _build(layer, m, af, shared))
             added.append(layer)
