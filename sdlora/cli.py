@@ -92,7 +92,7 @@ def cmd_generate(args) -> int:
         path, unet_w, te_w = parse_adapter_spec(spec)
         weights = AdapterWeights(unet=unet_w, text_encoder=unet_w if te_w is None else te_w)  # validates first
         loaded = load_adapter(base, path, f"a{i}")  # the same file may be given twice, with other weights
-        print(f"{path}: {loaded.file.format} {loaded.file.method}, {loaded.layers} layers", file=sys.stderr)
+        _tell(path, loaded.file)
         entries[loaded.name] = weights
     results = generate(base, settings, progress=not args.quiet, mix=Mix(entries) if entries else None)
     for r in results:
@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tell(path: str, af) -> None:
+    """Every command that reads an adapter says what it found (on stderr, so stdout stays the result)."""
+    print(f"{path}: {af.format} {af.method}, {len(af.modules)} modules", file=sys.stderr)
+
+
 def _weighted(spec: str, base):
     """Read FILE[:W[:TE_W]] with every module's scale times its role's weight."""
     from .adapter_io import read_adapter_file
@@ -195,6 +200,7 @@ def _weighted(spec: str, base):
     path, unet_w, te_w = parse_adapter_spec(spec)
     te_w = unet_w if te_w is None else te_w
     af = read_adapter_file(path, base)
+    _tell(path, af)
     for key, m in af.modules.items():
         m.scale *= unet_w if key.startswith("unet/") else te_w
     return af
@@ -226,7 +232,9 @@ def cmd_resize(args) -> int:
     from .tools.merge import resize
 
     base = load_base(args.base, device="cpu", config=args.base_config)
-    resized, report = resize(read_adapter_file(args.adapter, base), args.rank, args.energy)
+    af = read_adapter_file(args.adapter, base)
+    _tell(args.adapter, af)
+    resized, report = resize(af, args.rank, args.energy)
     return _write_tool_output(resized, args, base, report)
 
 
@@ -253,7 +261,9 @@ def cmd_bake(args) -> int:
     for i, spec in enumerate(args.adapters):
         path, unet_w, te_w = parse_adapter_spec(spec)
         weights = AdapterWeights(unet=unet_w, text_encoder=unet_w if te_w is None else te_w)
-        entries[load_adapter(base, path, f"a{i}").name] = weights
+        loaded = load_adapter(base, path, f"a{i}")
+        _tell(path, loaded.file)
+        entries[loaded.name] = weights
     report = bake(base, Mix(entries), args.out)
     print(report.folder)
     print(report, file=sys.stderr)
@@ -296,6 +306,7 @@ def cmd_export(args) -> int:
         raise SdloraError(f"--out {args.out} must end in .safetensors", "pass e.g. --out style.safetensors")
     base = load_base(args.base, device="cpu", config=args.base_config)
     af = read_adapter_file(args.adapter, base)
+    _tell(args.adapter, af)
     if af.base_family and af.base_family != base.family:
         raise SdloraError(f"{args.adapter} is for {af.base_family}, but --base is {base.family}",
                           f"pass --base with an {af.base_family} model")

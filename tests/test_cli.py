@@ -91,6 +91,7 @@ def test_export_between_formats_keeps_the_weights(adapter_files, tmp_path):
     out = tmp_path / "k.safetensors"
     proc = sdlora("export", str(adapter_files["diffusers"]), "--format", "kohya", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
+    assert f"{adapter_files['diffusers']}: diffusers lora" in proc.stderr  # it says what it found
     from safetensors.torch import load_file
 
     assert load_file(str(out)).keys() == load_file(str(adapter_files["kohya"])).keys()
