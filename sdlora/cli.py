@@ -95,8 +95,9 @@ def cmd_generate(args) -> int:
         _tell(path, loaded.file)
         entries[loaded.name] = weights
     results = generate(base, settings, progress=not args.quiet, mix=Mix(entries) if entries else None)
-    for r in results:
-        r.extra["adapters"] = [spec for spec in args.adapter]
+    if args.adapter:
+        for r in results:
+            r.extra["adapters"] = list(args.adapter)
     for path in write_outputs(results, Path(args.out), settings.num):
         print(path)
     return 0
