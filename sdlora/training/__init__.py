@@ -1,0 +1,1 @@
+"""Training: data (scan, captions, buckets, sampling); the accelerate loop and checkpoints come next."""

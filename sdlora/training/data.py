@@ -1,0 +1,174 @@
+"""A folder of pictures with same-name .txt captions: the pre-flight scan, caption handling,
+aspect-ratio buckets and a deterministic bucketed sampler that can resume mid-epoch."""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import SdloraError
+from .images import IMAGE_SUFFIXES, load_rgb
+
+MAX_PIXELS = 40_000_000  # larger pictures are refused: decompression bombs, or a mistake
+MAX_FILE_BYTES = 200 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Item:
+    image: Path
+    caption: str
+    size: tuple[int, int]  # (width, height) after EXIF orientation
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    reason: str
+
+    def __str__(self):
+        return f"{self.path.name}: {self.reason}"
+
+
+def _check_image(path: Path, max_pixels: int, max_bytes: int) -> tuple[tuple[int, int] | None, str | None]:
+    if path.stat().st_size > max_bytes:
+        return None, f"file of {path.stat().st_size:,} bytes is over the {max_bytes:,}-byte limit"
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                return None, f"{w}x{h} pixels is over the {max_pixels:,}-pixel limit"
+            img.load()  # decodes everything: a truncated file fails here, not mid-training
+            exif = img.getexif()
+            if exif.get(0x0112) in (5, 6, 7, 8):  # orientations that swap width and height
+                w, h = h, w
+    except Image.DecompressionBombError:
+        return None, "over Pillow's decompression-bomb limit"
+    except (OSError, SyntaxError, ValueError) as err:
+        text = str(err)
+        return None, "truncated" if "truncated" in text else f"unreadable ({type(err).__name__}: {text})"
+    return (w, h), None
+
+
+def scan(root: str | Path, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_FILE_BYTES) -> tuple[list[Item], list[Problem]]:
+    """Every picture under `root` (recursively, sorted) with its caption, and every problem found:
+    unreadable, truncated or oversized files, missing or empty captions."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SdloraError(f"no dataset folder at {root}", "pass a folder of pictures with same-name .txt captions")
+    items, problems = [], []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        size, reason = _check_image(path, max_pixels, max_bytes)
+        if reason:
+            problems.append(Problem(path, reason))
+            continue
+        txt = path.with_suffix(".txt")
+        if not txt.is_file():
+            problems.append(Problem(path, f"no caption file {txt.name}"))
+            continue
+        try:
+            caption = " ".join(txt.read_text(encoding="utf-8").split())
+        except UnicodeDecodeError:
+            problems.append(Problem(path, f"{txt.name} is not UTF-8 text"))
+            continue
+        if not caption:
+            problems.append(Problem(path, f"{txt.name} is empty"))
+            continue
+        items.append(Item(path, caption, size))
+    return items, problems
+
+
+def preflight(root: str | Path, skip_bad: bool = False, **limits) -> list[Item]:
+    """Scan before training: stop with every problem listed by name, or (skip_bad) warn and go on."""
+    items, problems = scan(root, **limits)
+    if problems and not skip_bad:
+        listing = "; ".join(str(p) for p in problems)
+        raise SdloraError(f"{len(problems)} problem(s) in {root}: {listing}",
+                          "fix or remove those files, or pass --skip-bad-images to train without them")
+    if problems:
+        warnings.warn(f"skipping {len(problems)} file(s) in {root}: " + "; ".join(str(p) for p in problems), stacklevel=2)
+    if not items:
+        raise SdloraError(f"no usable pictures in {root}",
+                          f"add {', '.join(IMAGE_SUFFIXES)} pictures, each with a same-name .txt caption")
+    return items
+
+
+def process_caption(caption: str, rng: random.Random, trigger: str | None = None, shuffle_tags: bool = False,
+                    keep_tokens: int = 0, dropout: float = 0.0) -> str:
+    """The caption one step trains on. Tags are comma-separated; the first `keep_tokens` stay in
+    place (with the trigger word first, added when missing), the rest are shuffled; with
+    probability `dropout` the caption is empty, which trains the unconditional prediction."""
+    if dropout and rng.random() < dropout:
+        return ""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    if trigger and trigger not in tags:
+        tags.insert(0, trigger)
+        keep_tokens = max(keep_tokens, 1)
+    if shuffle_tags:
+        head, tail = tags[:keep_tokens], tags[keep_tokens:]
+        rng.shuffle(tail)
+        tags = head + tail
+    return ", ".join(tags)
+
+
+def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) pairs, sides multiples of `step`, area at most resolution^2, aspect ratio
+    at most `max_ratio`: the square, and for each width the tallest height that fits."""
+    area = resolution * resolution
+    buckets = set()
+    w = step
+    while w <= resolution * max_ratio:
+        h = min(int(area // w) // step * step, int(w * max_ratio) // step * step)
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            buckets.add((w, h))
+            buckets.add((h, w))
+        w += step
+    buckets.add((resolution // step * step, resolution // step * step))
+    return sorted(buckets)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest (in log space) to the picture's; larger area breaks ties."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def fit_to_bucket(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Scale to cover the bucket, then crop the centre: nothing is stretched."""
+    bw, bh = bucket
+    scale = max(bw / img.width, bh / img.height)
+    w, h = max(bw, round(img.width * scale)), max(bh, round(img.height * scale))
+    img = img.resize((w, h), Image.LANCZOS)
+    left, top = (w - bw) // 2, (h - bh) // 2
+    return img.crop((left, top, left + bw, top + bh))
+
+
+class BucketSampler:
+    """Batches of item indices, each batch from one bucket, in an order fixed by (seed, epoch).
+
+    An epoch holds every item `repeats` times, in batches of `batch_size` (a bucket's last,
+    smaller batch is kept). `batches(epoch)[k:]` is what remains after k batches, which is all
+    that exact resume needs: no sample is seen twice in an epoch."""
+
+    def __init__(self, buckets_of_items: list[tuple[int, int]], batch_size: int, seed: int, repeats: int = 1):
+        if batch_size < 1 or repeats < 1:
+            raise SdloraError("batch size and repeats must be at least 1", "pass --batch-size 1 or more")
+        self.buckets_of_items = buckets_of_items
+        self.batch_size, self.seed, self.repeats = batch_size, seed, repeats
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{epoch}")
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(self.buckets_of_items):
+            by_bucket.setdefault(bucket, []).extend([index] * self.repeats)
+        batches = []
+        for bucket in sorted(by_bucket):
+            members = by_bucket[bucket]
+            rng.shuffle(members)
+            batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
