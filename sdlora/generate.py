@@ -117,22 +117,17 @@ def _call_pipeline(base: Base, settings: GenerateSettings, prompt: str, width: i
             on_step()
             return kw
 
-        return _run(pipe, settings, prompt, width, height, gens, latents, step_end)
-
-
-def _run(pipe, settings, prompt, width, height, gens, latents, step_end):
-    out = pipe(
-        prompt=[prompt] * settings.num,
-        negative_prompt=[settings.negative] * settings.num if settings.negative else None,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
-        width=width,
-        height=height,
-        generator=gens,
-        latents=latents,
-        callback_on_step_end=step_end,
-    )
-    return out.images
+        return pipe(
+            prompt=[prompt] * settings.num,
+            negative_prompt=[settings.negative] * settings.num if settings.negative else None,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            width=width,
+            height=height,
+            generator=gens,
+            latents=latents,
+            callback_on_step_end=step_end,
+        ).images
 
 
 @torch.inference_mode()
