@@ -67,10 +67,23 @@ def parse_adapter_spec(spec: str) -> tuple[str, float, float | None]:
     return path, unet_w, te_w
 
 
-def cmd_generate(args) -> int:
+def load_mix(base, specs: list[str]):
+    """Load each FILE[:W[:TE_W]] into the base and return the Mix of them all."""
     from .adapter_io import load_adapter
-    from .generate import GenerateSettings, generate, write_outputs
     from .mixing import AdapterWeights, Mix
+
+    entries = {}
+    for i, spec in enumerate(specs):
+        path, unet_w, te_w = parse_adapter_spec(spec)
+        weights = AdapterWeights(unet=unet_w, text_encoder=unet_w if te_w is None else te_w)  # validates first
+        loaded = load_adapter(base, path, f"a{i}")  # the same file may be given twice, with other weights
+        _tell(path, loaded.file)
+        entries[loaded.name] = weights
+    return Mix(entries)
+
+
+def cmd_generate(args) -> int:
+    from .generate import GenerateSettings, generate, write_outputs
     from .pipelines import load_base
 
     width = height = None
@@ -87,14 +100,8 @@ def cmd_generate(args) -> int:
         for role, report in base.quantize(args.quant).items():
             if not args.quiet:
                 print(f"{role}: {report}", file=sys.stderr)
-    entries = {}
-    for i, spec in enumerate(args.adapter):
-        path, unet_w, te_w = parse_adapter_spec(spec)
-        weights = AdapterWeights(unet=unet_w, text_encoder=unet_w if te_w is None else te_w)  # validates first
-        loaded = load_adapter(base, path, f"a{i}")  # the same file may be given twice, with other weights
-        _tell(path, loaded.file)
-        entries[loaded.name] = weights
-    results = generate(base, settings, progress=not args.quiet, mix=Mix(entries) if entries else None)
+    mix = load_mix(base, args.adapter)
+    results = generate(base, settings, progress=not args.quiet, mix=mix if mix.adapters else None)
     if args.adapter:
         for r in results:
             r.extra["adapters"] = list(args.adapter)
@@ -250,22 +257,14 @@ def cmd_extract(args) -> int:
 
 
 def cmd_bake(args) -> int:
-    from .adapter_io import load_adapter
-    from .mixing import AdapterWeights, Mix
     from .pipelines import load_base
     from .tools.bake import bake
 
     base = load_base(args.base, device=pick_device(args.device), config=args.base_config)
     if args.quant != "none":
         base.quantize(args.quant)
-    entries = {}
-    for i, spec in enumerate(args.adapters):
-        path, unet_w, te_w = parse_adapter_spec(spec)
-        weights = AdapterWeights(unet=unet_w, text_encoder=unet_w if te_w is None else te_w)
-        loaded = load_adapter(base, path, f"a{i}")
-        _tell(path, loaded.file)
-        entries[loaded.name] = weights
-    report = bake(base, Mix(entries), args.out)
+    mix = load_mix(base, args.adapters)
+    report = bake(base, mix, args.out)
     print(report.folder)
     print(report, file=sys.stderr)
     return 0
