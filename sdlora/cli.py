@@ -110,6 +110,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .training.config import TrainConfig
+    from .training.loop import train
+
+    overrides = {k: getattr(args, k) for k in (
+        "base", "name", "method", "rank", "alpha", "targets", "quant", "steps", "lr", "loraplus_ratio", "resolution",
+        "batch_size", "seed", "trigger", "caption_dropout")}
+    overrides.update(data_dir=args.data_dir, out_dir=args.out,
+                     text_encoder=True if args.text_encoder else None,
+                     skip_bad_images=True if args.skip_bad_images else None)
+    cfg = TrainConfig.load(args.config, **overrides)
+    result = train(cfg, progress=not args.quiet)
+    print(result.adapter)
+    print(f"{len(result.losses)} steps in {result.seconds:.0f} s, final loss {result.losses[-1]:.4f}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdlora", description="Train, mix and export LoRA-family adapters for Stable Diffusion.",
@@ -139,6 +156,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "weight TE_W (both default 1; TE_W defaults to W); repeat to mix several")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train a style adapter on a folder of captioned pictures",
+                       description="Train an adapter on DATA_DIR (pictures with same-name .txt captions) and write "
+                                   "OUT_DIR/NAME.safetensors and OUT_DIR/logs/loss.csv. Flags override --config.")
+    t.add_argument("data_dir", metavar="DATA_DIR")
+    t.add_argument("--out", required=True, metavar="OUT_DIR")
+    t.add_argument("--config", metavar="FILE.toml", help="settings file; its keys are TrainConfig's field names")
+    t.add_argument("--base", default=None, help=f"the base model: {BASE_HELP}")
+    t.add_argument("--name", default=None, help="adapter name (default 'adapter')")
+    t.add_argument("--method", choices=["lora", "dora", "vera"], default=None)
+    t.add_argument("--rank", type=int, default=None)
+    t.add_argument("--alpha", type=float, default=None)
+    t.add_argument("--targets", choices=["attn", "linear", "all"], default=None)
+    t.add_argument("--text-encoder", action="store_true", help="train adapters on the text encoder too")
+    t.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default=None, help="the frozen base (default nf4)")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--loraplus-ratio", type=float, default=None, help="B's learning rate over A's (LoRA+)")
+    t.add_argument("--resolution", type=int, default=None, help="bucket area side (default: the base's native size)")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--trigger", default=None, help="trigger word, put first in every caption")
+    t.add_argument("--caption-dropout", type=float, default=None)
+    t.add_argument("--skip-bad-images", action="store_true", help="skip unreadable pictures and missing captions")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("inspect", help="show an adapter file's format, method, ranks, alphas, targets, metadata",
                        description="Read an adapter file (any supported layout) and describe it.")

@@ -1,0 +1,146 @@
+"""The training loop: one readable pass from a folder of captioned pictures to an adapter file.
+
+Data, loss and (next) checkpoints live in their own modules; this file only wires them:
+pre-flight scan -> base (quantized) + adapter -> latents cached once per picture -> steps of
+noise, UNet prediction under the adapter's mix, weighted MSE, optimizer -> the adapter file.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapter_io import save_adapter
+from ..adapters import AdapterConfig
+from ..adapters.optim import param_groups
+from ..errors import SdloraError
+from ..inject import adapter_layers
+from ..mixing import Mix
+from ..pipelines import load_base
+from .config import TrainConfig
+from .data import BucketSampler, fit_to_bucket, make_buckets, nearest_bucket, preflight, process_caption
+from .images import load_rgb
+from .loss import diffusion_loss, loss_weights, noise_like, target_for
+
+
+@dataclass
+class TrainResult:
+    adapter: Path
+    losses: list[float]
+    seconds: float
+
+
+def _bucket_step(pipe) -> int:
+    """Picture sides must divide down to whole latents at the UNet's deepest level."""
+    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def _cache_latents(pipe, items, buckets) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per picture: the VAE posterior's mean and std, (4, h, w) each, encoded once."""
+    vae = pipe.vae
+    cache = []
+    for item, bucket in zip(items, buckets):
+        rgb = np.asarray(fit_to_bucket(load_rgb(item.image), bucket), dtype=np.float32)  # (H, W, 3)
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None] / 127.5 - 1.0  # (1, 3, H, W) in [-1, 1]
+        dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+        cache.append((dist.mean[0].float().cpu(), dist.std[0].float().cpu()))
+    return cache
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)
+    items = preflight(cfg.data_dir, skip_bad=cfg.skip_bad_images)
+    base = load_base(cfg.base, device=accelerator.device)
+    if base.family == "sdxl":
+        raise SdloraError("training on SDXL bases is not supported yet", "train on an SD1 or SD2 base")
+    if cfg.quant != "none":
+        base.quantize(cfg.quant)
+    adapter_cfg = AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    base.add_adapter(cfg.name, adapter_cfg, targets=cfg.targets, text_encoder=cfg.text_encoder)
+    pipe = base.pipe
+
+    resolution = cfg.resolution or base.native_size
+    buckets = make_buckets(resolution, _bucket_step(pipe))
+    item_buckets = [nearest_bucket(item.size, buckets) for item in items]
+    latents_cache = _cache_latents(pipe, items, item_buckets)
+    sampler = BucketSampler(item_buckets, cfg.batch_size, cfg.seed, cfg.repeats)
+
+    layers = {f"{role}/{path}": layer for role, model in base.models().items()
+              for path, layer in adapter_layers(model).items()}
+    optimizer = torch.optim.AdamW(param_groups(layers, cfg.name, cfg.lr, cfg.loraplus_ratio))
+    warmup = max(1, cfg.warmup_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    optimizer, schedule = accelerator.prepare(optimizer, schedule)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    scaling = float(pipe.vae.config.scaling_factor)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    mix = Mix({cfg.name: 1.0})
+
+    out_dir = Path(cfg.out_dir)
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    losses: list[float] = []
+    pipe.unet.train()
+    pipe.text_encoder.train(cfg.text_encoder)
+    bar = tqdm(total=cfg.steps, desc="training", unit="step", disable=not progress)
+    with open(out_dir / "logs" / "loss.csv", "w", newline="") as log_file:
+        log = csv.writer(log_file)
+        log.writerow(["step", "epoch", "loss", "lr"])
+        step = epoch = 0
+        while step < cfg.steps:
+            for batch in sampler.batches(epoch):
+                if step >= cfg.steps:
+                    break
+                captions = [process_caption(items[i].caption, rng, cfg.trigger, cfg.shuffle_tags, cfg.keep_tokens,
+                                            cfg.caption_dropout) for i in batch]
+                mean = torch.stack([latents_cache[i][0] for i in batch])  # (B, 4, h, w)
+                std = torch.stack([latents_cache[i][1] for i in batch])
+                latents = ((mean + std * torch.randn(mean.shape, generator=gen)) * scaling).to(accelerator.device)
+                noise = noise_like(latents, gen, cfg.noise_offset)
+                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=gen)
+                noisy = noise_scheduler.add_noise(latents, noise, t.to(latents.device))
+                ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                     truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
+                with accelerator.accumulate(pipe.unet), accelerator.autocast(), base.mixer.apply(mix, mode="unfused"):
+                    with torch.set_grad_enabled(cfg.text_encoder):
+                        hidden = pipe.text_encoder(ids)[0]  # (B, 77, dim)
+                    pred = pipe.unet(noisy, t.to(latents.device), hidden).sample
+                    loss = diffusion_loss(pred, target_for(noise_scheduler, latents, noise, t),
+                                          loss_weights(noise_scheduler, t, cfg.min_snr_gamma))
+                    if not math.isfinite(loss.item()):
+                        names = ", ".join(items[i].image.name for i in batch)
+                        raise SdloraError(f"the loss became {loss.item()} at step {step} on {names}",
+                                          "lower --lr, check those pictures, or resume from the last checkpoint")
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                log.writerow([step + 1, epoch, f"{losses[-1]:.6f}", f"{schedule.get_last_lr()[0]:.3e}"])
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            epoch += 1
+    bar.close()
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    summary = {**asdict(cfg), "steps_done": step, "epochs": epoch, "pictures": len(items),
+               "final_loss": losses[-1], "seconds": round(time.time() - t0, 1)}
+    path = save_adapter(base, cfg.name, out_dir / f"{cfg.name}.safetensors", "sdlora",
+                        trigger_words=[cfg.trigger] if cfg.trigger else [], training=summary)
+    return TrainResult(path, losses, time.time() - t0)

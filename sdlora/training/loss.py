@@ -1,0 +1,41 @@
+"""The diffusion training objective, pure tensor math; shapes in the comments."""
+
+from __future__ import annotations
+
+import torch
+
+
+def noise_like(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise (B, C, H, W); with `offset`, plus a per-channel constant (Guttenberg's noise
+    offset), which lets the model learn darker and brighter pictures than mid-grey averages."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    if offset:
+        noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator).to(noise)
+    return noise
+
+
+def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the velocity (v), as the base was trained."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def loss_weights(scheduler, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """(B,) min-SNR-gamma weights (Hang et al. 2023): min(snr, gamma) / snr for epsilon,
+    min(snr, gamma) / (snr + 1) for v; ones when gamma is None."""
+    if gamma is None:
+        return torch.ones(timesteps.shape, dtype=torch.float32)
+    alphas = scheduler.alphas_cumprod.to(torch.float32)[timesteps.cpu()]  # (B,)
+    snr = alphas / (1 - alphas)
+    denom = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    return torch.clamp(snr, max=gamma) / denom
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of weight x per-sample MSE; computed in fp32 whatever the model ran in."""
+    per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.dim())))  # (B,)
+    return (weights.to(per_sample.device) * per_sample).mean()
