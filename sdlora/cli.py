@@ -116,10 +116,11 @@ def cmd_train(args) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "base", "name", "method", "rank", "alpha", "targets", "quant", "steps", "lr", "loraplus_ratio", "resolution",
-        "batch_size", "seed", "trigger", "caption_dropout")}
+        "batch_size", "seed", "trigger", "caption_dropout", "checkpoint_every")}
     overrides.update(data_dir=args.data_dir, out_dir=args.out,
                      text_encoder=True if args.text_encoder else None,
-                     skip_bad_images=True if args.skip_bad_images else None)
+                     skip_bad_images=True if args.skip_bad_images else None,
+                     resume=True if args.resume else None)
     cfg = TrainConfig.load(args.config, **overrides)
     result = train(cfg, progress=not args.quiet)
     print(result.adapter)
@@ -180,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trigger", default=None, help="trigger word, put first in every caption")
     t.add_argument("--caption-dropout", type=float, default=None)
     t.add_argument("--skip-bad-images", action="store_true", help="skip unreadable pictures and missing captions")
+    t.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="write OUT_DIR/checkpoints/step-N every N steps (atomically; the last 2 are kept)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint: adapter, optimizer, schedule, RNGs and data "
+                        "position restored, so the result equals an uninterrupted run")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

@@ -42,3 +42,58 @@ def test_config_from_toml_with_overrides_and_clear_errors(tmp_path):
         TrainConfig.load(toml, lr=-1.0)
     with pytest.raises(SdloraError, match="missing training setting\\(s\\): data_dir, out_dir"):
         TrainConfig.load(None)
+
+
+def _train_cmd(out, *extra):
+    import sys
+
+    from tests.test_training_data import STYLES as styles
+
+    return [sys.executable, "-m", "sdlora", "train", str(styles / "stripes"), "--out", str(out), "--steps", "160",
+            "--batch-size", "4", "--rank", "4", "--lr", "1e-3", "--seed", "7", "--trigger", "zstripes",
+            "--checkpoint-every", "20", "--quiet", *extra]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_uninterrupted_adapter_bit_for_bit(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(_train_cmd(tmp_path / "straight"), check=True, env=env, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_train_cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = tmp_path / "killed" / "checkpoints" / "step-00000040" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run, somewhere after step 40
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "adapter.safetensors").exists()
+    subprocess.run(_train_cmd(tmp_path / "killed", "--resume"), check=True, env=env, capture_output=True,
+                   timeout=600)
+
+    straight = load_file(str(tmp_path / "straight" / "adapter.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "adapter.safetensors"))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    rows = list(csv.DictReader(open(tmp_path / "killed" / "logs" / "loss.csv")))
+    straight_rows = list(csv.DictReader(open(tmp_path / "straight" / "logs" / "loss.csv")))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows] and len(rows) == 160
+    # only complete checkpoints remain, the last two
+    kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert kept == ["step-00000120", "step-00000140"]
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    cfg = TrainConfig(data_dir=str(STYLES / "dots"), out_dir=str(tmp_path), steps=2, resume=True)
+    with pytest.raises(SdloraError, match="no complete checkpoint in"):
+        train(cfg, progress=False)

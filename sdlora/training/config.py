@@ -40,6 +40,9 @@ class TrainConfig:
     noise_offset: float = 0.0
     mixed_precision: str = "no"  # no | fp16 | bf16
     skip_bad_images: bool = False
+    checkpoint_every: int = 0  # 0: no checkpoints
+    keep_checkpoints: int = 2
+    resume: bool = False
 
     def __post_init__(self):
         checks = [
@@ -49,6 +52,8 @@ class TrainConfig:
             (self.loraplus_ratio >= 1, "loraplus_ratio", "at least 1"),
             (0 <= self.caption_dropout < 1, "caption_dropout", "in [0, 1)"),
             (self.warmup_steps >= 0, "warmup_steps", "0 or more"),
+            (self.checkpoint_every >= 0, "checkpoint_every", "0 (none) or more"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", "at least 1"),
             (self.noise_offset >= 0, "noise_offset", "0 or more"),
             (self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "positive (or unset)"),
             (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16"),

@@ -24,6 +24,7 @@ from ..errors import SdloraError
 from ..inject import adapter_layers
 from ..mixing import Mix
 from ..pipelines import load_base
+from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, restore_rngs, save_checkpoint
 from .config import TrainConfig
 from .data import BucketSampler, fit_to_bucket, make_buckets, nearest_bucket, preflight, process_caption
 from .images import load_rgb
@@ -94,18 +95,35 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     out_dir = Path(cfg.out_dir)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / "checkpoints"
+    trained = {f"{key}.{pname}": p for key, layer in layers.items() if cfg.name in layer.adapters
+               for pname, p in layer.adapters[cfg.name].named_parameters()}
     losses: list[float] = []
+    step = epoch = batch_index = 0
+    if cfg.resume:
+        latest = latest_checkpoint(ckpt_dir)
+        if latest is None:
+            raise SdloraError(f"--resume: no complete checkpoint in {ckpt_dir}", "train without --resume")
+        tensors, state = load_checkpoint(latest)
+        with torch.no_grad():
+            for key, p in trained.items():
+                p.copy_(tensors[f"adapter/{key}"])
+        restore_optimizer(optimizer, tensors, state)
+        schedule.load_state_dict(state["scheduler"])
+        restore_rngs(tensors, state, gen, rng)
+        step, losses = state["step"], list(state["losses"])
+        epoch, batch_index = state["position"]["epoch"], state["position"]["batch"]
     pipe.unet.train()
     pipe.text_encoder.train(cfg.text_encoder)
-    bar = tqdm(total=cfg.steps, desc="training", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=not progress)
     with open(out_dir / "logs" / "loss.csv", "w", newline="") as log_file:
         log = csv.writer(log_file)
-        log.writerow(["step", "epoch", "loss", "lr"])
-        step = epoch = 0
+        log.writerow(["step", "epoch", "loss"])
+        log.writerows([[i + 1, "", f"{v:.6f}"] for i, v in enumerate(losses)])  # a resumed run keeps its history
         while step < cfg.steps:
-            for batch in sampler.batches(epoch):
-                if step >= cfg.steps:
-                    break
+            batches = sampler.batches(epoch)
+            while batch_index < len(batches) and step < cfg.steps:
+                batch = batches[batch_index]
                 captions = [process_caption(items[i].caption, rng, cfg.trigger, cfg.shuffle_tags, cfg.keep_tokens,
                                             cfg.caption_dropout) for i in batch]
                 mean = torch.stack([latents_cache[i][0] for i in batch])  # (B, 4, h, w)
@@ -131,11 +149,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
-                log.writerow([step + 1, epoch, f"{losses[-1]:.6f}", f"{schedule.get_last_lr()[0]:.3e}"])
+                log.writerow([step + 1, epoch, f"{losses[-1]:.6f}"])
                 step += 1
+                batch_index += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            epoch += 1
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    log_file.flush()
+                    save_checkpoint(ckpt_dir, step, trained, optimizer, schedule, gen, rng,
+                                    {"epoch": epoch, "batch": batch_index}, losses, cfg.keep_checkpoints)
+            if batch_index >= len(batches):
+                epoch, batch_index = epoch + 1, 0
     bar.close()
     pipe.unet.eval()
     pipe.text_encoder.eval()

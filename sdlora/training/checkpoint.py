@@ -1,0 +1,99 @@
+"""Training checkpoints: everything needed to continue bit for bit, and nothing pickled.
+
+A checkpoint is a folder checkpoints/step-NNNNNNNN holding tensors.safetensors (adapter
+parameters, optimizer moments, RNG states) and state.json (step, data position, optimizer
+param groups, scheduler, Python RNG, losses so far). It is written to a temporary folder, closed
+with a COMPLETE marker and only then renamed into place; older checkpoints are pruned only after
+that, so a crash at any moment leaves the last complete one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..errors import SdloraError
+
+MARKER = "COMPLETE"
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, state = {}, {}
+    for idx, entry in sd["state"].items():
+        state[str(idx)] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{idx}/{key}"] = value
+            else:
+                state[str(idx)][key] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": state}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {int(i): dict(v) for i, v in meta["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            _, idx, key = name.split("/", 2)
+            state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(folder: Path, step: int, adapter: dict[str, torch.Tensor], optimizer, scheduler,
+                    generator: torch.Generator, py_rng, position: dict, losses: list[float], keep: int = 2) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".step-{step:08d}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors = {f"adapter/{k}": v.detach().cpu().contiguous() for k, v in adapter.items()}
+        tensors.update({k: v.cpu().contiguous() for k, v in opt_tensors.items()})
+        tensors["rng/generator"] = generator.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+        state = {"step": step, "position": position, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                 "python_rng": list(py_rng.getstate()[1]), "python_rng_version": py_rng.getstate()[0],
+                 "losses": losses}
+        (tmp / "state.json").write_text(json.dumps(state))
+        (tmp / MARKER).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    complete = sorted(p for p in folder.glob("step-*") if (p / MARKER).is_file())
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    complete = sorted(p for p in Path(folder).glob("step-*") if (p / MARKER).is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of a complete checkpoint."""
+    from safetensors.torch import load_file
+
+    if not (path / MARKER).is_file():
+        raise SdloraError(f"{path} is not a complete checkpoint (no {MARKER} marker)", "resume from a complete one")
+    return load_file(str(path / "tensors.safetensors")), json.loads((path / "state.json").read_text())
+
+
+def restore_rngs(tensors: dict, state: dict, generator: torch.Generator, py_rng) -> None:
+    generator.set_state(tensors["rng/generator"])
+    torch.set_rng_state(tensors["rng/torch"])
+    py_rng.setstate((state["python_rng_version"], tuple(state["python_rng"]), None))
+
+
+def restore_optimizer(optimizer, tensors: dict, state: dict) -> None:
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
