@@ -116,7 +116,9 @@ def cmd_train(args) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "base", "name", "method", "rank", "alpha", "targets", "quant", "steps", "lr", "loraplus_ratio", "resolution",
-        "batch_size", "seed", "trigger", "caption_dropout", "checkpoint_every")}
+        "batch_size", "seed", "trigger", "caption_dropout", "checkpoint_every", "optimizer", "lr_schedule",
+        "warmup_steps", "ema_decay", "validate_every")}
+    overrides["validation_prompts"] = tuple(args.validation_prompt) or None
     overrides.update(data_dir=args.data_dir, out_dir=args.out,
                      text_encoder=True if args.text_encoder else None,
                      skip_bad_images=True if args.skip_bad_images else None,
@@ -181,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trigger", default=None, help="trigger word, put first in every caption")
     t.add_argument("--caption-dropout", type=float, default=None)
     t.add_argument("--skip-bad-images", action="store_true", help="skip unreadable pictures and missing captions")
+    t.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default=None,
+                   help="8-bit and paged AdamW come from bitsandbytes (paged needs CUDA; a warning says what runs)")
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
+    t.add_argument("--warmup-steps", type=int, default=None)
+    t.add_argument("--ema-decay", type=float, default=None, help="write the adapter's moving average, e.g. 0.999")
+    t.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT",
+                   help="repeatable; OUT_DIR/samples/step-N.png shows each without and with the adapter")
+    t.add_argument("--validate-every", type=int, default=None, metavar="N", help="validation pictures every N steps")
     t.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="write OUT_DIR/checkpoints/step-N every N steps (atomically; the last 2 are kept)")
     t.add_argument("--resume", action="store_true",

@@ -51,7 +51,8 @@ def _train_cmd(out, *extra):
 
     return [sys.executable, "-m", "sdlora", "train", str(styles / "stripes"), "--out", str(out), "--steps", "160",
             "--batch-size", "4", "--rank", "4", "--lr", "1e-3", "--seed", "7", "--trigger", "zstripes",
-            "--checkpoint-every", "20", "--quiet", *extra]
+            "--checkpoint-every", "20", "--optimizer", "adamw8bit", "--ema-decay", "0.9", "--lr-schedule", "cosine",
+            "--quiet", *extra]
 
 
 @pytest.mark.slow
@@ -97,3 +98,21 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
     cfg = TrainConfig(data_dir=str(STYLES / "dots"), out_dir=str(tmp_path), steps=2, resume=True)
     with pytest.raises(SdloraError, match="no complete checkpoint in"):
         train(cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_8bit_optimizer_cosine_schedule_ema_and_validation_pictures(tmp_path):
+    from PIL import Image
+
+    from sdlora.training.loop import lr_factor
+
+    cfg = TrainConfig(data_dir=str(STYLES / "mosaic"), out_dir=str(tmp_path), name="m", rank=2, steps=6, batch_size=2,
+                      optimizer="paged_adamw8bit", lr_schedule="cosine", warmup_steps=2, ema_decay=0.5,
+                      validation_prompts=("zmosaic, a red circle",), validate_every=3, validation_seeds=2)
+    with pytest.warns(UserWarning, match="plain 8-bit AdamW is used"):
+        result = train(cfg, progress=False)
+    assert [round(lr_factor(s, cfg), 3) for s in range(6)] == [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-000003.png", "step-000006.png"]
+    grid = Image.open(tmp_path / "samples" / "step-000006.png")
+    assert grid.height > 2 * 64 * 2  # a base row and an adapter row
+    assert read_adapter_file(result.adapter).training["ema_decay"] == 0.5

@@ -22,25 +22,30 @@ from ..errors import SdloraError
 MARKER = "COMPLETE"
 
 
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, state = {}, {}
-    for idx, entry in sd["state"].items():
-        state[str(idx)] = {}
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer/{idx}/{key}"] = value
-            else:
-                state[str(idx)][key] = value
-    return tensors, {"param_groups": sd["param_groups"], "state": state}
+def _split(obj, path: str, tensors: dict):
+    """A state dict as JSON-able data, every tensor (at any depth) moved to `tensors` under its
+    path and replaced by {"__tensor__": path}. Optimizers nest them (bitsandbytes: a dict per
+    parameter of quantized moments)."""
+    if torch.is_tensor(obj):
+        tensors[path] = obj
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {"__keys__": [[type(k).__name__, str(k)] for k in obj],
+                "__values__": [_split(v, f"{path}/{k}", tensors) for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_split(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+    return obj
 
 
-def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
-    state: dict = {int(i): dict(v) for i, v in meta["state"].items()}
-    for name, value in tensors.items():
-        if name.startswith("optimizer/"):
-            _, idx, key = name.split("/", 2)
-            state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+def _join(obj, tensors: dict):
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__keys__" in obj:
+        keys = [int(k) if t == "int" else k for t, k in obj["__keys__"]]  # optimizer state is keyed by int
+        return {k: _join(v, tensors) for k, v in zip(keys, obj["__values__"])}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
 
 
 def save_checkpoint(folder: Path, step: int, adapter: dict[str, torch.Tensor], optimizer, scheduler,
@@ -52,7 +57,8 @@ def save_checkpoint(folder: Path, step: int, adapter: dict[str, torch.Tensor], o
     tmp = folder / f".step-{step:08d}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir()
     try:
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        opt_tensors: dict = {}
+        opt_meta = _split(optimizer.state_dict(), "optimizer", opt_tensors)
         tensors = {f"adapter/{k}": v.detach().cpu().contiguous() for k, v in adapter.items()}
         tensors.update({k: v.cpu().contiguous() for k, v in opt_tensors.items()})
         tensors["rng/generator"] = generator.get_state()
@@ -96,4 +102,4 @@ def restore_rngs(tensors: dict, state: dict, generator: torch.Generator, py_rng)
 
 
 def restore_optimizer(optimizer, tensors: dict, state: dict) -> None:
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    optimizer.load_state_dict(_join(state["optimizer"], tensors))

@@ -40,11 +40,18 @@ class TrainConfig:
     noise_offset: float = 0.0
     mixed_precision: str = "no"  # no | fp16 | bf16
     skip_bad_images: bool = False
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit
+    lr_schedule: str = "constant"  # constant | cosine, both after the warm-up
+    ema_decay: float | None = None  # e.g. 0.999: write the exponential moving average of the adapter
+    validation_prompts: tuple[str, ...] = ()
+    validate_every: int = 0  # 0: only at the end (when prompts are given)
+    validation_seeds: int = 2
     checkpoint_every: int = 0  # 0: no checkpoints
     keep_checkpoints: int = 2
     resume: bool = False
 
     def __post_init__(self):
+        object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts))
         checks = [
             (self.steps >= 1, "steps", "at least 1"), (self.batch_size >= 1, "batch_size", "at least 1"),
             (self.grad_accum >= 1, "grad_accum", "at least 1"), (self.repeats >= 1, "repeats", "at least 1"),
@@ -53,6 +60,11 @@ class TrainConfig:
             (0 <= self.caption_dropout < 1, "caption_dropout", "in [0, 1)"),
             (self.warmup_steps >= 0, "warmup_steps", "0 or more"),
             (self.checkpoint_every >= 0, "checkpoint_every", "0 (none) or more"),
+            (self.optimizer in ("adamw", "adamw8bit", "paged_adamw8bit"), "optimizer",
+             "adamw, adamw8bit or paged_adamw8bit"),
+            (self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant or cosine"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "in (0, 1), or unset"),
+            (self.validate_every >= 0 and self.validation_seeds >= 1, "validate_every", "0 or more"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "at least 1"),
             (self.noise_offset >= 0, "noise_offset", "0 or more"),
             (self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "positive (or unset)"),

@@ -24,6 +24,7 @@ from ..errors import SdloraError
 from ..inject import adapter_layers
 from ..mixing import Mix
 from ..pipelines import load_base
+from ..quant import make_optimizer
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, restore_rngs, save_checkpoint
 from .config import TrainConfig
 from .data import BucketSampler, fit_to_bucket, make_buckets, nearest_bucket, preflight, process_caption
@@ -56,6 +57,33 @@ def _cache_latents(pipe, items, buckets) -> list[tuple[torch.Tensor, torch.Tenso
     return cache
 
 
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over warmup_steps, then constant or a cosine decay to zero at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def validation_grid(base, cfg: TrainConfig, step: int, out_dir: Path) -> Path:
+    """OUT_DIR/samples/step-N.png: each validation prompt for fixed seeds, without (first row) and
+    with the adapter (second row), so progress is seen against the same noise every time."""
+    from ..generate import GenerateSettings, generate, labelled_grid, save_png
+
+    training = base.pipe.unet.training
+    base.pipe.unet.eval()
+    rows, labels = [], []
+    for prompt in cfg.validation_prompts:
+        settings = GenerateSettings(prompts=(prompt,), num=cfg.validation_seeds, seed=0, steps=20)
+        rows.append([r.image for r in generate(base, settings, progress=False)])
+        rows.append([r.image for r in generate(base, settings, progress=False, mix=Mix({cfg.name: 1.0}))])
+        labels += [f"{prompt} (base)", f"{prompt} (step {step})"]
+    base.pipe.unet.train(training)
+    return save_png(labelled_grid(rows, labels), out_dir / "samples" / f"step-{step:06d}.png")
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
@@ -83,9 +111,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     layers = {f"{role}/{path}": layer for role, model in base.models().items()
               for path, layer in adapter_layers(model).items()}
-    optimizer = torch.optim.AdamW(param_groups(layers, cfg.name, cfg.lr, cfg.loraplus_ratio))
-    warmup = max(1, cfg.warmup_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    optimizer = make_optimizer(cfg.optimizer, param_groups(layers, cfg.name, cfg.lr, cfg.loraplus_ratio),
+                               accelerator.device)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     optimizer, schedule = accelerator.prepare(optimizer, schedule)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     scaling = float(pipe.vae.config.scaling_factor)
@@ -98,6 +126,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     ckpt_dir = out_dir / "checkpoints"
     trained = {f"{key}.{pname}": p for key, layer in layers.items() if cfg.name in layer.adapters
                for pname, p in layer.adapters[cfg.name].named_parameters()}
+    # The exponential moving average of the adapter, saved in checkpoints too so resume stays exact.
+    ema = {k: p.detach().clone() for k, p in trained.items()} if cfg.ema_decay else {}
     losses: list[float] = []
     step = epoch = batch_index = 0
     if cfg.resume:
@@ -108,6 +138,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         with torch.no_grad():
             for key, p in trained.items():
                 p.copy_(tensors[f"adapter/{key}"])
+            for key, e in ema.items():
+                e.copy_(tensors[f"adapter/ema.{key}"])
         restore_optimizer(optimizer, tensors, state)
         schedule.load_state_dict(state["scheduler"])
         restore_rngs(tensors, state, gen, rng)
@@ -148,6 +180,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                     optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
+                if ema and accelerator.sync_gradients:
+                    with torch.no_grad():
+                        for key, e in ema.items():
+                            e.mul_(cfg.ema_decay).add_(trained[key].detach(), alpha=1 - cfg.ema_decay)
                 losses.append(loss.item())
                 log.writerow([step + 1, epoch, f"{losses[-1]:.6f}"])
                 step += 1
@@ -156,13 +192,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     log_file.flush()
-                    save_checkpoint(ckpt_dir, step, trained, optimizer, schedule, gen, rng,
-                                    {"epoch": epoch, "batch": batch_index}, losses, cfg.keep_checkpoints)
+                    save_checkpoint(ckpt_dir, step, {**trained, **{f"ema.{k}": e for k, e in ema.items()}},
+                                    optimizer, schedule, gen, rng, {"epoch": epoch, "batch": batch_index}, losses,
+                                    cfg.keep_checkpoints)
+                if cfg.validation_prompts and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:
+                    validation_grid(base, cfg, step, out_dir)
             if batch_index >= len(batches):
                 epoch, batch_index = epoch + 1, 0
     bar.close()
+    if ema:
+        with torch.no_grad():
+            for key, e in ema.items():
+                trained[key].copy_(e)  # the written adapter is the average
     pipe.unet.eval()
     pipe.text_encoder.eval()
+    if cfg.validation_prompts:
+        validation_grid(base, cfg, step, out_dir)
     summary = {**asdict(cfg), "steps_done": step, "epochs": epoch, "pictures": len(items),
                "final_loss": losses[-1], "seconds": round(time.time() - t0, 1)}
     path = save_adapter(base, cfg.name, out_dir / f"{cfg.name}.safetensors", "sdlora",
