@@ -116,3 +116,14 @@ def test_8bit_optimizer_cosine_schedule_ema_and_validation_pictures(tmp_path):
     grid = Image.open(tmp_path / "samples" / "step-000006.png")
     assert grid.height > 2 * 64 * 2  # a base row and an adapter row
     assert read_adapter_file(result.adapter).training["ema_decay"] == 0.5
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_training_naming_the_files_and_keeps_the_checkpoint(tmp_path):
+    # An absurd learning rate: after one AdamW step the adapter is ~1e12 and the next loss is not finite.
+    cfg = TrainConfig(data_dir=str(STYLES / "dots"), out_dir=str(tmp_path), rank=2, steps=5, batch_size=2, lr=1e12,
+                      checkpoint_every=1)
+    with pytest.raises(SdloraError, match=r"the loss became (nan|inf) at step \d+ on \d{3}\.png, \d{3}\.png"):
+        train(cfg, progress=False)
+    kept = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    assert "step-00000001" in kept and not (tmp_path / "adapter.safetensors").exists()
