@@ -127,3 +127,26 @@ def test_a_non_finite_loss_stops_training_naming_the_files_and_keeps_the_checkpo
         train(cfg, progress=False)
     kept = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert "step-00000001" in kept and not (tmp_path / "adapter.safetensors").exists()
+
+
+def test_a_new_run_never_writes_over_an_earlier_one(tmp_path):
+    (tmp_path / "adapter.safetensors").write_bytes(b"an earlier result")
+    cfg = TrainConfig(data_dir=str(STYLES / "dots"), out_dir=str(tmp_path), steps=2)
+    with pytest.raises(SdloraError, match="already holds an earlier run's adapter.safetensors.*--resume"):
+        train(cfg, progress=False)
+    assert (tmp_path / "adapter.safetensors").read_bytes() == b"an earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]  # nothing else was written
+    (tmp_path / "adapter.safetensors").unlink()
+    (tmp_path / "checkpoints" / "step-00000140").mkdir(parents=True)
+    with pytest.raises(SdloraError, match=r"earlier run's checkpoints \(step-00000140\)"):
+        train(cfg, progress=False)
+
+
+def test_bad_data_stops_before_anything_is_written(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"broken")
+    (data / "a.txt").write_text("x")
+    with pytest.raises(SdloraError, match="a.png: unreadable"):
+        train(TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "out"), steps=2), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -84,12 +84,30 @@ def validation_grid(base, cfg: TrainConfig, step: int, out_dir: Path) -> Path:
     return save_png(labelled_grid(rows, labels), out_dir / "samples" / f"step-{step:06d}.png")
 
 
+def _check_out_dir(cfg: TrainConfig, out_dir: Path, ckpt_dir: Path) -> None:
+    """Before any work: a resume needs a checkpoint; a new run must not mix with an earlier one's
+    checkpoints (pruning would keep those, and --resume would pick them) nor overwrite its adapter."""
+    if cfg.resume:
+        if latest_checkpoint(ckpt_dir) is None:
+            raise SdloraError(f"--resume: no complete checkpoint in {ckpt_dir}", "train without --resume")
+        return
+    earlier = sorted(p.name for p in ckpt_dir.glob("step-*")) if ckpt_dir.is_dir() else []
+    adapter = out_dir / f"{cfg.name}.safetensors"
+    if earlier or adapter.exists():
+        found = f"checkpoints ({earlier[-1]})" if earlier else adapter.name
+        raise SdloraError(f"{out_dir} already holds an earlier run's {found}",
+                          "pass --resume to continue it, or choose a new --out folder")
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     t0 = time.time()
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    _check_out_dir(cfg, out_dir, ckpt_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
@@ -121,9 +139,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     rng = random.Random(cfg.seed)
     mix = Mix({cfg.name: 1.0})
 
-    out_dir = Path(cfg.out_dir)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoints"
     trained = {f"{key}.{pname}": p for key, layer in layers.items() if cfg.name in layer.adapters
                for pname, p in layer.adapters[cfg.name].named_parameters()}
     # The exponential moving average of the adapter, saved in checkpoints too so resume stays exact.
@@ -131,10 +147,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     losses: list[float] = []
     step = epoch = batch_index = 0
     if cfg.resume:
-        latest = latest_checkpoint(ckpt_dir)
-        if latest is None:
-            raise SdloraError(f"--resume: no complete checkpoint in {ckpt_dir}", "train without --resume")
-        tensors, state = load_checkpoint(latest)
+        tensors, state = load_checkpoint(latest_checkpoint(ckpt_dir))
         with torch.no_grad():
             for key, p in trained.items():
                 p.copy_(tensors[f"adapter/{key}"])
