@@ -39,8 +39,8 @@ def _unet_weight_keys(unet) -> list[str]:
     return [k.replace(".base_layer.", ".") for k in unet.state_dict() if ".adapters." not in k]
 
 
-def kohya_table(base) -> dict[str, str]:
-    return kohya.name_table(_modules_of(base), base.family, dict(base.pipe.unet.config),
+def kohya_table(base, modules: dict[str, list[str]] | None = None) -> dict[str, str]:
+    return kohya.name_table(modules or _modules_of(base), base.family, dict(base.pipe.unet.config),
                             _unet_weight_keys(base.pipe.unet))
 
 
@@ -114,8 +114,9 @@ def read_adapter_file(path: str | Path, base=None) -> AdapterFile:
         return peft.from_state_dict(tensors, metadata, path)
     shapes = None
     if base is not None:
-        inverse = kohya.inverse_table(kohya_table(base), base.family)
-        shapes = _weight_shapes(base)
+        modules = _modules_of(base)  # walked once: the name table and the shapes both need it
+        inverse = kohya.inverse_table(kohya_table(base, modules), base.family)
+        shapes = _weight_shapes(base, modules)
     else:
         prefixes = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                     "lora_te2_": "text_encoder_2"}
@@ -128,9 +129,9 @@ def read_adapter_file(path: str | Path, base=None) -> AdapterFile:
     return kohya.from_state_dict(tensors, metadata, inverse, path, shapes)
 
 
-def _weight_shapes(base) -> dict[str, tuple]:
+def _weight_shapes(base, modules: dict[str, list[str]]) -> dict[str, tuple]:
     shapes = {}
-    for role, paths in _modules_of(base).items():
+    for role, paths in modules.items():
         model = base.models()[role]
         for p in paths:
             m = model.get_submodule(p)
@@ -179,7 +180,9 @@ def _check_against_base(af: AdapterFile, base, path: str) -> list[tuple[str, str
                 f"the adapter was made for another base than this {base.family} one; load it with that base")
         plan.append((role, mpath, m))
     if not plan:
-        raise SdloraError(f"{path}: none of its {len(af.modules)} modules exists in this {base.family} base",
+        names = list(af.modules) + list(af.extra_metadata.get("unknown_keys", []))
+        sample = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        raise SdloraError(f"{path}: none of its keys names a layer of this {base.family} base ({sample})",
                           "is the adapter for another base?")
     return plan
 
@@ -218,7 +221,7 @@ def load_adapter(base, path: str | Path, name: str | None = None) -> Loaded:
         for layer in added:
             layer.remove_adapter(name)
         for model, mpath in newly_wrapped:
-            _unwrap_one(model, mpath)
+            model.set_submodule(mpath, model.get_submodule(mpath).base_layer)
         raise
     base.adapter_info[name] = {"config": af.config, "file": path, "format": af.format, "method": af.method}
     return Loaded(name, af, len(plan), notes)
@@ -228,16 +231,6 @@ def check_name(name: str) -> None:
     """Adapter names key module dicts and metadata: letters, digits, '_' and '-' only."""
     if not re.fullmatch(r"[\w-]{1,100}", name):
         raise SdloraError(f"adapter name {name!r} is not 1 to 100 letters, digits, '_' or '-'", "pass another name")
-
-
-def _unwrap_one(model, mpath: str) -> None:
-    layer = model.get_submodule(mpath)
-    parent_name, _, child = mpath.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential)):
-        parent[int(child)] = layer.base_layer
-    else:
-        setattr(parent, child, layer.base_layer)
 
 
 def _build(layer, m: ModuleWeights, af: AdapterFile, shared: dict):

@@ -98,13 +98,8 @@ def wrap(model: nn.Module, names: list[str], role: str) -> dict[str, AdapterLaye
         if isinstance(module, AdapterLayer):
             wrapped[name] = module
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         layer = AdapterLayer(module, region_of(role, name))
-        if isinstance(parent, (nn.ModuleList, nn.Sequential)):
-            parent[int(child)] = layer
-        else:
-            setattr(parent, child, layer)
+        model.set_submodule(name, layer)
         wrapped[name] = layer
     return wrapped
 
@@ -118,12 +113,7 @@ def unwrap(model: nn.Module) -> int:
     """Put every wrapped base layer back where its wrapper stood; returns how many."""
     layers = adapter_layers(model)
     for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(parent, (nn.ModuleList, nn.Sequential)):
-            parent[int(child)] = layer.base_layer
-        else:
-            setattr(parent, child, layer.base_layer)
+        model.set_submodule(name, layer.base_layer)
     return len(layers)
 
 

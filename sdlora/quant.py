@@ -277,15 +277,13 @@ def quantize_model(model: nn.Module, mode: str = "nf4", *, double_quant: bool = 
         small = (m.in_features if isinstance(m, nn.Linear) else m.in_channels) < min_features
         if small:
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(m, nn.Linear):
             q = quantize_linear(m, mode, double_quant, compute_dtype, device)
             n_lin += 1
         else:
             q = QuantConv2d(m, "nf4" if mode == "int8" else mode, double_quant, compute_dtype, device)
             n_conv += 1
-        setattr(parent, child, q)
+        model.set_submodule(name, q)
     for p in model.parameters():
         p.requires_grad_(False)
     return QuantReport(n_lin, n_conv, _float_param_count(model), resident_bytes(model))

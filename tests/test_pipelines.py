@@ -1,6 +1,5 @@
 """Loading a base from every kind of name, and telling its family."""
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The training loop on the embedded base: a short real run, end to end."""
 
 import csv
-import json
 
 import pytest
 import torch

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_scripts.shapes import COLORS, VOCAB_WORDS, draw_scene, dominant_foreground_color, random_scene  # noqa: E402
+from train_scripts.shapes import VOCAB_WORDS, draw_scene, dominant_foreground_color, random_scene  # noqa: E402
 
 PX = 64  # picture side
 LATENT_PX = 16  # VAE factor 4: three encoder blocks

@@ -8,22 +8,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
 
 from ..errors import SdloraError
 from ..inject import adapter_layers, unwrap
 from ..quant import is_quantized
-
-
-def _put_back(model: nn.Module, layers: dict) -> None:
-    """Return wrappers to the places `unwrap` took them from."""
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(parent, (nn.ModuleList, nn.Sequential)):
-            parent[int(child)] = layer
-        else:
-            setattr(parent, child, layer)
 
 
 @dataclass
@@ -109,5 +97,6 @@ def _bake_float(base, mix, tmp: Path) -> tuple[int, float]:
             base.pipe.save_pretrained(tmp, safe_serialization=True)
         finally:
             for role, model in base.models().items():
-                _put_back(model, wrappers[role])
+                for name, layer in wrappers[role].items():
+                    model.set_submodule(name, layer)  # the wrappers back where unwrap took them from
     return changed, 0.0

@@ -1,1 +1,1 @@
-"""Training: data (scan, captions, buckets, sampling); the accelerate loop and checkpoints come next."""
+"""Training: data (scan, captions, buckets, sampling), the loss, checkpoints, and the loop that wires them."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import SdloraError
-from .images import IMAGE_SUFFIXES, load_rgb
+from .images import IMAGE_SUFFIXES
 
 MAX_PIXELS = 40_000_000  # larger pictures are refused: decompression bombs, or a mistake
 MAX_FILE_BYTES = 200 * 1024 * 1024

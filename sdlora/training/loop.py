@@ -1,6 +1,6 @@
 """The training loop: one readable pass from a folder of captioned pictures to an adapter file.
 
-Data, loss and (next) checkpoints live in their own modules; this file only wires them:
+Data, loss and checkpoints live in their own modules; this file only wires them:
 pre-flight scan -> base (quantized) + adapter -> latents cached once per picture -> steps of
 noise, UNet prediction under the adapter's mix, weighted MSE, optimizer -> the adapter file.
 """
