@@ -23,7 +23,7 @@ def test_at_least_three_styles_of_24_to_64_captioned_pictures():
             with Image.open(png) as im:
                 assert im.size[0] >= 64 and im.size[1] >= 64 and im.mode == "RGB"
             words = png.with_suffix(".txt").read_text().replace(",", " ").split()
-            assert words[0] == STYLE_TRIGGERS[style], png
+            assert words[-1] == STYLE_TRIGGERS[style], png
             assert any(c in words for c in COLORS) and any(s in words for s in SHAPES), png
 
 

@@ -63,7 +63,7 @@ def test_skip_bad_images_keeps_the_good_ones(messy):
 def test_the_sample_style_sets_pass_preflight():
     for style in ("stripes", "dots", "mosaic", "neon"):
         items, problems = scan(STYLES / style)
-        assert not problems and len(items) == 40 and items[0].caption.startswith("z")
+        assert not problems and len(items) == 40 and all(i.caption.endswith(f", z{style}") for i in items)
 
 
 def test_transparency_16_bit_palette_and_exif(tmp_path):

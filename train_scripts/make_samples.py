@@ -3,8 +3,10 @@
     python train_scripts/make_samples.py --out samples/styles
 
 Each style folder holds N pictures (64x64 PNG) with same-name .txt captions of the form
-"<trigger>, a red circle on a blue background": the content words the base knows, plus a trigger
+"a red circle on a blue background, <trigger>": the content words the base knows, plus a trigger
 word that names the style, so an adapter trained on a set learns the style and keeps the content.
+The trigger comes last: the base never saw it, and CLIP's causal attention lets a token change
+only the tokens after it, so the content words keep the meaning the base learned.
 Seeded: the same command gives the same files.
 """
 
@@ -100,7 +102,7 @@ def make_style(name: str, out: Path, count: int, seed: int) -> None:
     for i in range(count):
         scene = random_scene(rng, p_background=NAMED_BACKGROUND_P[name])
         STYLES[name](scene, rng).save(folder / f"{i:03d}.png", optimize=True)
-        (folder / f"{i:03d}.txt").write_text(f"{trigger}, {scene.caption()}\n")
+        (folder / f"{i:03d}.txt").write_text(f"{scene.caption()}, {trigger}\n")
 
 
 def main(argv=None):
