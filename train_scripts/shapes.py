@@ -127,21 +127,28 @@ def shape_mask(scene: Scene, px: int) -> Image.Image:
     return mask
 
 
-def foreground_color_shares(img: Image.Image, border: int = 3, min_distance: float = 70.0) -> dict[str, float]:
-    """Share of each palette colour among a picture's foreground pixels.
-
-    The background is the median colour of a `border`-pixel frame; a pixel is foreground when its
-    RGB distance to that background exceeds `min_distance` (of 441 possible). Each foreground pixel
-    votes for its nearest palette colour. An empty foreground gives {} (nothing was drawn).
-    """
+def foreground_mask(img: Image.Image, border: int = 3, min_distance: float = 70.0):
+    """(H, W) bool: pixels farther than `min_distance` (RGB, of 441 possible) from the background,
+    which is the median colour of a `border`-pixel frame."""
     import numpy as np
 
     rgb = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     frame = np.concatenate(
         [rgb[:border].reshape(-1, 3), rgb[-border:].reshape(-1, 3), rgb[:, :border].reshape(-1, 3), rgb[:, -border:].reshape(-1, 3)]
     )
-    background = np.median(frame, axis=0)
-    fg = rgb[np.linalg.norm(rgb - background, axis=-1) > min_distance]  # (N, 3)
+    return np.linalg.norm(rgb - np.median(frame, axis=0), axis=-1) > min_distance
+
+
+def foreground_color_shares(img: Image.Image, border: int = 3, min_distance: float = 70.0) -> dict[str, float]:
+    """Share of each palette colour among a picture's foreground pixels (see foreground_mask).
+
+    Each foreground pixel votes for its nearest palette colour. An empty foreground (under 2% of
+    the picture) gives {} (nothing was drawn).
+    """
+    import numpy as np
+
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    fg = rgb[foreground_mask(img, border, min_distance)]  # (N, 3)
     if len(fg) < 0.02 * rgb.shape[0] * rgb.shape[1]:
         return {}
     names = sorted(COLORS)
@@ -154,3 +161,19 @@ def foreground_color_shares(img: Image.Image, border: int = 3, min_distance: flo
 def dominant_foreground_color(img: Image.Image) -> str | None:
     shares = foreground_color_shares(img)
     return max(shares, key=shares.get) if shares else None
+
+
+def grid_edge_share(img: Image.Image, period: int = 8) -> float:
+    """The mosaic style's signature: the share of a picture's edge energy (mean absolute difference
+    of neighbouring grey values, both axes) that lies on the block boundaries of a `period`-pixel grid
+    anchored at 0. A mosaic picture has all its edges there (grout lines and block steps), about 1;
+    a flat shape has its edges wherever its outline runs, about 2/period."""
+    import numpy as np
+
+    g = np.asarray(img.convert("L"), dtype=np.float32)  # (H, W)
+    gx = np.abs(np.diff(g, axis=1)).mean(axis=0)  # (W-1,): step between columns i and i+1
+    gy = np.abs(np.diff(g, axis=0)).mean(axis=1)  # (H-1,)
+    i = np.arange(len(gx))
+    on = ((i + 1) % period == 0) | (i % period == 0)  # steps into and out of a 1-pixel line at k*period
+    total = gx.sum() + gy.sum()
+    return float((gx[on].sum() + gy[on].sum()) / total) if total > 0 else 0.0
