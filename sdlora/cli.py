@@ -111,18 +111,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import dataclasses
+
     from .training.config import TrainConfig
     from .training.loop import train
 
-    overrides = {k: getattr(args, k) for k in (
-        "base", "name", "method", "rank", "alpha", "targets", "quant", "steps", "lr", "loraplus_ratio", "resolution",
-        "batch_size", "seed", "trigger", "caption_dropout", "checkpoint_every", "optimizer", "lr_schedule",
-        "warmup_steps", "ema_decay", "validate_every")}
-    overrides["validation_prompts"] = tuple(args.validation_prompt) or None
-    overrides.update(data_dir=args.data_dir, out_dir=args.out,
-                     text_encoder=True if args.text_encoder else None,
-                     skip_bad_images=True if args.skip_bad_images else None,
-                     resume=True if args.resume else None)
+    # Every TrainConfig field has a flag of the same name; unset flags (None) leave the config file's value.
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+    overrides.update(out_dir=args.out, validation_prompts=tuple(args.validation_prompt) or None)
     cfg = TrainConfig.load(args.config, **overrides)
     result = train(cfg, progress=not args.quiet)
     print(result.adapter)
@@ -162,9 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a style adapter on a folder of captioned pictures",
                        description="Train an adapter on DATA_DIR (pictures with same-name .txt captions) and write "
-                                   "OUT_DIR/NAME.safetensors and OUT_DIR/logs/loss.csv. Flags override --config.")
-    t.add_argument("data_dir", metavar="DATA_DIR")
-    t.add_argument("--out", required=True, metavar="OUT_DIR")
+                                   "OUT_DIR/NAME.safetensors, OUT_DIR/logs (loss.csv, val_loss.csv, tensorboard/) "
+                                   "and OUT_DIR/samples. Flags override --config. Under `accelerate launch` "
+                                   "each process trains on its share of every batch.")
+    t.add_argument("data_dir", metavar="DATA_DIR", nargs="?", default=None,
+                   help="pictures with same-name .txt captions (or data_dir in --config)")
+    t.add_argument("--out", default=None, metavar="OUT_DIR", help="where the run writes (or out_dir in --config)")
     t.add_argument("--config", metavar="FILE.toml", help="settings file; its keys are TrainConfig's field names")
     t.add_argument("--base", default=None, help=f"the base model: {BASE_HELP}")
     t.add_argument("--name", default=None, help="adapter name (default 'adapter')")
@@ -172,17 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rank", type=int, default=None)
     t.add_argument("--alpha", type=float, default=None)
     t.add_argument("--targets", choices=["attn", "linear", "all"], default=None)
-    t.add_argument("--text-encoder", action="store_true", help="train adapters on the text encoder too")
+    t.add_argument("--text-encoder", action="store_true", default=None, help="train adapters on the text encoder too")
     t.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default=None, help="the frozen base (default nf4)")
-    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--loraplus-ratio", type=float, default=None, help="B's learning rate over A's (LoRA+)")
     t.add_argument("--resolution", type=int, default=None, help="bucket area side (default: the base's native size)")
-    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None, help="global batch, split across processes (default 4)")
+    t.add_argument("--grad-accum", type=int, default=None, metavar="N", help="batches per optimizer step (default 1)")
+    t.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute UNet activations in the backward pass (less memory, slower)")
+    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="autocast the forward pass; trained weights stay fp32 (default no)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--trigger", default=None, help="trigger word, put first in every caption")
-    t.add_argument("--caption-dropout", type=float, default=None)
-    t.add_argument("--skip-bad-images", action="store_true", help="skip unreadable pictures and missing captions")
+    t.add_argument("--caption-dropout", type=float, default=None, help="share of empty captions (default 0.05)")
+    t.add_argument("--shuffle-tags", action="store_true", default=None, help="shuffle comma-separated tags")
+    t.add_argument("--keep-tokens", type=int, default=None, metavar="N", help="leading tags kept in place")
+    t.add_argument("--repeats", type=int, default=None, help="times each picture appears per epoch")
+    t.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR weighting gamma (default 5)")
+    t.add_argument("--noise-offset", type=float, default=None)
+    t.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="skip unreadable pictures and missing captions")
     t.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default=None,
                    help="8-bit and paged AdamW come from bitsandbytes (paged needs CUDA; a warning says what runs)")
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
@@ -190,10 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema-decay", type=float, default=None, help="write the adapter's moving average, e.g. 0.999")
     t.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT",
                    help="repeatable; OUT_DIR/samples/step-N.png shows each without and with the adapter")
-    t.add_argument("--validate-every", type=int, default=None, metavar="N", help="validation pictures every N steps")
+    t.add_argument("--validation-seeds", type=int, default=None, help="pictures per validation prompt (default 2)")
+    t.add_argument("--validation-split", type=float, default=None,
+                   help="share of pictures held out for logs/val_loss.csv (default 0.1)")
+    t.add_argument("--validate-every", type=int, default=None, metavar="N",
+                   help="validation loss and pictures every N steps (default: at the end)")
     t.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                   help="write OUT_DIR/checkpoints/step-N every N steps (atomically; the last 2 are kept)")
-    t.add_argument("--resume", action="store_true",
+                   help="write OUT_DIR/checkpoints/step-N every N steps (atomically)")
+    t.add_argument("--keep-checkpoints", type=int, default=None, help="complete checkpoints kept (default 2)")
+    t.add_argument("--resume", action="store_true", default=None,
                    help="continue from the newest complete checkpoint: adapter, optimizer, schedule, RNGs and data "
                         "position restored, so the result equals an uninterrupted run")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -23,7 +23,18 @@ def test_a_short_run_writes_a_working_adapter_and_its_log(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "logs" / "loss.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 13)) and all(float(r["loss"]) >= 0 for r in rows)
     af = read_adapter_file(result.adapter)
-    assert af.trigger_words == ["zdots"] and af.training["steps_done"] == 12 and af.training["pictures"] == 40
+    assert af.trigger_words == ["zdots"] and af.training["steps_done"] == 12
+    assert (af.training["pictures"], af.training["held_out"]) == (36, 4)  # 10% held out for the validation loss
+    val = list(csv.DictReader(open(tmp_path / "logs" / "val_loss.csv")))
+    assert [int(r["step"]) for r in val] == [12] and float(val[0]["val_loss"]) > 0
+    assert af.training["final_val_loss"] == pytest.approx(float(val[0]["val_loss"]), abs=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+    assert [round(e.value, 6) for e in events.Scalars("train/loss")] == [float(r["loss"]) for r in rows]
+    assert [e.step for e in events.Scalars("val/loss")] == [12]
     base = load_base("embedded")
     load_adapter(base, result.adapter, "dots")
     plain, adapted = outputs(base), outputs(base, "dots")
@@ -107,7 +118,7 @@ def test_8bit_optimizer_cosine_schedule_ema_and_validation_pictures(tmp_path):
 
     cfg = TrainConfig(data_dir=str(STYLES / "mosaic"), out_dir=str(tmp_path), name="m", rank=2, steps=6, batch_size=2,
                       optimizer="paged_adamw8bit", lr_schedule="cosine", warmup_steps=2, ema_decay=0.5,
-                      validation_prompts=("zmosaic, a red circle",), validate_every=3, validation_seeds=2)
+                      validation_prompts=("a red circle, zmosaic",), validate_every=3, validation_seeds=2)
     with pytest.warns(UserWarning, match="plain 8-bit AdamW is used"):
         result = train(cfg, progress=False)
     assert [round(lr_factor(s, cfg), 3) for s in range(6)] == [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]

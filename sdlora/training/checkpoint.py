@@ -2,7 +2,7 @@
 
 A checkpoint is a folder checkpoints/step-NNNNNNNN holding tensors.safetensors (adapter
 parameters, optimizer moments, RNG states) and state.json (step, data position, optimizer
-param groups, scheduler, Python RNG, losses so far). It is written to a temporary folder, closed
+param groups, scheduler, Python RNG, loss history). It is written to a temporary folder, closed
 with a COMPLETE marker and only then renamed into place; older checkpoints are pruned only after
 that, so a crash at any moment leaves the last complete one intact.
 """
@@ -49,7 +49,8 @@ def _join(obj, tensors: dict):
 
 
 def save_checkpoint(folder: Path, step: int, adapter: dict[str, torch.Tensor], optimizer, scheduler,
-                    generator: torch.Generator, py_rng, position: dict, losses: list[float], keep: int = 2) -> Path:
+                    generator: torch.Generator, py_rng, position: dict, history: dict, keep: int = 2) -> Path:
+    """`history`: JSON-able run history (losses so far...) stored in state.json as it is."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,7 @@ def save_checkpoint(folder: Path, step: int, adapter: dict[str, torch.Tensor], o
         save_file(tensors, str(tmp / "tensors.safetensors"))
         state = {"step": step, "position": position, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
                  "python_rng": list(py_rng.getstate()[1]), "python_rng_version": py_rng.getstate()[0],
-                 "losses": losses}
+                 **history}
         (tmp / "state.json").write_text(json.dumps(state))
         (tmp / MARKER).write_text("ok\n")
         if final.exists():

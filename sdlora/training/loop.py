@@ -7,7 +7,6 @@ noise, UNet prediction under the adapter's mix, weighted MSE, optimizer -> the a
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 import time
@@ -28,8 +27,12 @@ from ..quant import make_optimizer
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, restore_rngs, save_checkpoint
 from .config import TrainConfig
 from .data import BucketSampler, fit_to_bucket, make_buckets, nearest_bucket, preflight, process_caption
+from .distributed import local_rows, sum_gradients, sum_over_processes
 from .images import load_rgb
+from .logs import TrainLog
 from .loss import diffusion_loss, loss_weights, noise_like, target_for
+from .text_cache import TextEmbeddings
+from .validation import holdout_indices, validation_grid, validation_loss
 
 
 @dataclass
@@ -67,23 +70,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def validation_grid(base, cfg: TrainConfig, step: int, out_dir: Path) -> Path:
-    """OUT_DIR/samples/step-N.png: each validation prompt for fixed seeds, without (first row) and
-    with the adapter (second row), so progress is seen against the same noise every time."""
-    from ..generate import GenerateSettings, generate, labelled_grid, save_png
-
-    training = base.pipe.unet.training
-    base.pipe.unet.eval()
-    rows, labels = [], []
-    for prompt in cfg.validation_prompts:
-        settings = GenerateSettings(prompts=(prompt,), num=cfg.validation_seeds, seed=0, steps=20)
-        rows.append([r.image for r in generate(base, settings, progress=False)])
-        rows.append([r.image for r in generate(base, settings, progress=False, mix=Mix({cfg.name: 1.0}))])
-        labels += [f"{prompt} (base)", f"{prompt} (step {step})"]
-    base.pipe.unet.train(training)
-    return save_png(labelled_grid(rows, labels), out_dir / "samples" / f"step-{step:06d}.png")
-
-
 def _check_out_dir(cfg: TrainConfig, out_dir: Path, ckpt_dir: Path) -> None:
     """Before any work: a resume needs a checkpoint; a new run must not mix with an earlier one's
     checkpoints (pruning would keep those, and --resume would pick them) nor overwrite its adapter."""
@@ -99,6 +85,22 @@ def _check_out_dir(cfg: TrainConfig, out_dir: Path, ckpt_dir: Path) -> None:
                           "pass --resume to continue it, or choose a new --out folder")
 
 
+def enable_unet_checkpointing(unet) -> None:
+    """Gradient checkpointing that recomputes each block under the mix its forward ran with.
+
+    The mix reaches the layers through a ContextVar; autograd may run the recomputation in another
+    thread (CUDA's backward threads) where that variable is unset, so each checkpointed call runs
+    in a copy of the context taken at forward time."""
+    import contextvars
+
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpoint_in_context(module, *args):
+        return checkpoint(contextvars.copy_context().run, module.__call__, *args, use_reentrant=False)
+
+    unet.enable_gradient_checkpointing(checkpoint_in_context)
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
@@ -108,10 +110,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     _check_out_dir(cfg, out_dir, ckpt_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=not torch.cuda.is_available())
+    # Gradient accumulation and the schedule are handled here, step by optimizer step, not by accelerate.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
     items = preflight(cfg.data_dir, skip_bad=cfg.skip_bad_images)
+    held_out = holdout_indices(len(items), cfg.validation_split, cfg.seed)
     base = load_base(cfg.base, device=accelerator.device)
     if base.family == "sdxl":
         raise SdloraError("training on SDXL bases is not supported yet", "train on an SD1 or SD2 base")
@@ -120,31 +125,36 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     adapter_cfg = AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
     base.add_adapter(cfg.name, adapter_cfg, targets=cfg.targets, text_encoder=cfg.text_encoder)
     pipe = base.pipe
+    if cfg.gradient_checkpointing:
+        enable_unet_checkpointing(pipe.unet)
 
     resolution = cfg.resolution or base.native_size
     buckets = make_buckets(resolution, _bucket_step(pipe))
     item_buckets = [nearest_bucket(item.size, buckets) for item in items]
     latents_cache = _cache_latents(pipe, items, item_buckets)
-    sampler = BucketSampler(item_buckets, cfg.batch_size, cfg.seed, cfg.repeats)
+    train_items = [i for i in range(len(items)) if i not in set(held_out)]
+    sampler = BucketSampler([item_buckets[i] for i in train_items], cfg.batch_size, cfg.seed, cfg.repeats)
+    texts = TextEmbeddings(pipe, trainable=cfg.text_encoder, device=accelerator.device)
+    held_out_hidden = None
 
     layers = {f"{role}/{path}": layer for role, model in base.models().items()
               for path, layer in adapter_layers(model).items()}
     optimizer = make_optimizer(cfg.optimizer, param_groups(layers, cfg.name, cfg.lr, cfg.loraplus_ratio),
                                accelerator.device)
+    optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the schedule steps once per step here
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    optimizer, schedule = accelerator.prepare(optimizer, schedule)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     scaling = float(pipe.vae.config.scaling_factor)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     mix = Mix({cfg.name: 1.0})
 
-    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     trained = {f"{key}.{pname}": p for key, layer in layers.items() if cfg.name in layer.adapters
                for pname, p in layer.adapters[cfg.name].named_parameters()}
     # The exponential moving average of the adapter, saved in checkpoints too so resume stays exact.
     ema = {k: p.detach().clone() for k, p in trained.items()} if cfg.ema_decay else {}
     losses: list[float] = []
+    val_losses: list[tuple[int, float]] = []
     step = epoch = batch_index = 0
     if cfg.resume:
         tensors, state = load_checkpoint(latest_checkpoint(ckpt_dir))
@@ -157,61 +167,86 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         schedule.load_state_dict(state["scheduler"])
         restore_rngs(tensors, state, gen, rng)
         step, losses = state["step"], list(state["losses"])
+        val_losses = [tuple(v) for v in state.get("val_losses", [])]
         epoch, batch_index = state["position"]["epoch"], state["position"]["batch"]
+
+    def validate(at_step: int) -> None:
+        """Held-out loss and validation pictures (main process; the others wait)."""
+        nonlocal held_out_hidden
+        if main and held_out:
+            if held_out_hidden is None:  # captions as trained, without dropout or shuffling
+                held_out_hidden = texts([process_caption(items[i].caption, rng=random.Random(0), trigger=cfg.trigger)
+                                         for i in held_out]).detach()
+            value = validation_loss(base, cfg.name, [latents_cache[i][0] for i in held_out], held_out_hidden,
+                                    noise_scheduler, scaling, cfg.seed)
+            val_losses.append((at_step, value))
+            log.validation(at_step, value)
+        if main and cfg.validation_prompts:
+            log.picture(at_step, validation_grid(base, cfg.name, cfg.validation_prompts, cfg.validation_seeds,
+                                                 at_step, out_dir))
+        accelerator.wait_for_everyone()
+
     pipe.unet.train()
     pipe.text_encoder.train(cfg.text_encoder)
-    bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=not progress)
-    with open(out_dir / "logs" / "loss.csv", "w", newline="") as log_file:
-        log = csv.writer(log_file)
-        log.writerow(["step", "epoch", "loss"])
-        log.writerows([[i + 1, "", f"{v:.6f}"] for i, v in enumerate(losses)])  # a resumed run keeps its history
-        while step < cfg.steps:
-            batches = sampler.batches(epoch)
-            while batch_index < len(batches) and step < cfg.steps:
-                batch = batches[batch_index]
-                captions = [process_caption(items[i].caption, rng, cfg.trigger, cfg.shuffle_tags, cfg.keep_tokens,
-                                            cfg.caption_dropout) for i in batch]
-                mean = torch.stack([latents_cache[i][0] for i in batch])  # (B, 4, h, w)
-                std = torch.stack([latents_cache[i][1] for i in batch])
-                latents = ((mean + std * torch.randn(mean.shape, generator=gen)) * scaling).to(accelerator.device)
-                noise = noise_like(latents, gen, cfg.noise_offset)
-                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=gen)
-                noisy = noise_scheduler.add_noise(latents, noise, t.to(latents.device))
-                ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
-                with accelerator.accumulate(pipe.unet), accelerator.autocast(), base.mixer.apply(mix, mode="unfused"):
-                    with torch.set_grad_enabled(cfg.text_encoder):
-                        hidden = pipe.text_encoder(ids)[0]  # (B, 77, dim)
-                    pred = pipe.unet(noisy, t.to(latents.device), hidden).sample
-                    loss = diffusion_loss(pred, target_for(noise_scheduler, latents, noise, t),
-                                          loss_weights(noise_scheduler, t, cfg.min_snr_gamma))
-                    if not math.isfinite(loss.item()):
-                        names = ", ".join(items[i].image.name for i in batch)
-                        raise SdloraError(f"the loss became {loss.item()} at step {step} on {names}",
-                                          "lower --lr, check those pictures, or resume from the last checkpoint")
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if ema and accelerator.sync_gradients:
-                    with torch.no_grad():
-                        for key, e in ema.items():
-                            e.mul_(cfg.ema_decay).add_(trained[key].detach(), alpha=1 - cfg.ema_decay)
-                losses.append(loss.item())
-                log.writerow([step + 1, epoch, f"{losses[-1]:.6f}"])
-                step += 1
-                batch_index += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    log_file.flush()
-                    save_checkpoint(ckpt_dir, step, {**trained, **{f"ema.{k}": e for k, e in ema.items()}},
-                                    optimizer, schedule, gen, rng, {"epoch": epoch, "batch": batch_index}, losses,
-                                    cfg.keep_checkpoints)
-                if cfg.validation_prompts and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:
-                    validation_grid(base, cfg, step, out_dir)
+    params = list(trained.values())
+    log = TrainLog(out_dir / "logs", losses, val_losses, enabled=main)
+    bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=not (progress and main))
+    batches = sampler.batches(epoch)
+    while step < cfg.steps:
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):  # one optimizer step: grad_accum batches, gradients summed
             if batch_index >= len(batches):
                 epoch, batch_index = epoch + 1, 0
+                batches = sampler.batches(epoch)
+            batch = [train_items[i] for i in batches[batch_index]]
+            batch_index += 1
+            # The whole global batch's randomness is drawn on every process; each keeps its rows.
+            captions = [process_caption(items[i].caption, rng, cfg.trigger, cfg.shuffle_tags, cfg.keep_tokens,
+                                        cfg.caption_dropout) for i in batch]
+            mean = torch.stack([latents_cache[i][0] for i in batch])  # (B, 4, h, w)
+            std = torch.stack([latents_cache[i][1] for i in batch])
+            latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
+            noise = noise_like(latents, gen, cfg.noise_offset)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=gen)
+            mine = local_rows(len(batch), rank, world)
+            latents, noise, t = latents[mine].to(accelerator.device), noise[mine].to(accelerator.device), t[mine]
+            share = torch.zeros((), device=accelerator.device)  # stays 0 on a process with no rows
+            if len(t):
+                with accelerator.autocast(), base.mixer.apply(mix, mode="unfused"):
+                    noisy = noise_scheduler.add_noise(latents, noise, t.to(latents.device))
+                    pred = pipe.unet(noisy, t.to(latents.device), texts(captions[mine])).sample
+                    # This process's share of the batch mean: summed over processes it is the mean.
+                    share = diffusion_loss(pred, target_for(noise_scheduler, latents, noise, t),
+                                           loss_weights(noise_scheduler, t, cfg.min_snr_gamma)) * len(t) / len(batch)
+                    accelerator.backward(share / cfg.grad_accum)
+            batch_loss = sum_over_processes(share.detach(), accelerator).item()
+            if not math.isfinite(batch_loss):
+                names = ", ".join(items[i].image.name for i in batch)
+                raise SdloraError(f"the loss became {batch_loss} at step {step} on {names}",
+                                  "lower --lr, check those pictures, or resume from the last checkpoint")
+            step_loss += batch_loss / cfg.grad_accum
+        sum_gradients(params, accelerator)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema:
+            with torch.no_grad():
+                for key, e in ema.items():
+                    e.mul_(cfg.ema_decay).add_(trained[key].detach(), alpha=1 - cfg.ema_decay)
+        losses.append(step_loss)
+        step += 1
+        log.step(step, epoch, step_loss, schedule.get_last_lr()[0])
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:
+            validate(step)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if main:
+                log.flush()
+                save_checkpoint(ckpt_dir, step, {**trained, **{f"ema.{k}": e for k, e in ema.items()}},
+                                optimizer, schedule, gen, rng, {"epoch": epoch, "batch": batch_index},
+                                {"losses": losses, "val_losses": val_losses}, cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
     bar.close()
     if ema:
         with torch.no_grad():
@@ -219,10 +254,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 trained[key].copy_(e)  # the written adapter is the average
     pipe.unet.eval()
     pipe.text_encoder.eval()
-    if cfg.validation_prompts:
-        validation_grid(base, cfg, step, out_dir)
-    summary = {**asdict(cfg), "steps_done": step, "epochs": epoch, "pictures": len(items),
-               "final_loss": losses[-1], "seconds": round(time.time() - t0, 1)}
-    path = save_adapter(base, cfg.name, out_dir / f"{cfg.name}.safetensors", "sdlora",
-                        trigger_words=[cfg.trigger] if cfg.trigger else [], training=summary)
+    validate(step)
+    log.close()
+    summary = {**asdict(cfg), "steps_done": step, "epochs": epoch, "pictures": len(train_items),
+               "held_out": len(held_out), "final_loss": losses[-1], "processes": world,
+               "final_val_loss": val_losses[-1][1] if val_losses else None, "seconds": round(time.time() - t0, 1)}
+    path = out_dir / f"{cfg.name}.safetensors"
+    if main:
+        save_adapter(base, cfg.name, path, "sdlora", trigger_words=[cfg.trigger] if cfg.trigger else [],
+                     training=summary)
+    accelerator.wait_for_everyone()
     return TrainResult(path, losses, time.time() - t0)
