@@ -23,12 +23,22 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-# The main job on the embedded base: a labelled grid of pictures for several prompts.
+# The main jobs on the embedded base: a labelled grid of pictures for several prompts; then a mosaic
+# style adapter trained on samples/styles/mosaic (NF4 base, 300 steps), exported for kohya/A1111/ComfyUI,
+# and the before/after grid of that export on the float base (per prompt, a row without, a row with it).
 demo: $(VENV)/.installed
 	$(VENV)/bin/sdlora generate "a red circle" "a blue square" "a green triangle" "a yellow diamond" \
 		"a purple circle" "a yellow circle on a black background" \
 		--num 6 --seed 0 --steps 25 --out out/demo-grid.png --quiet
 	@echo "demo: wrote out/demo-grid.png"
+	rm -rf out/demo-style
+	$(VENV)/bin/sdlora train samples/styles/mosaic --out out/demo-style --name mosaic --rank 8 --lr 1e-3 \
+		--steps 300 --quiet
+	$(VENV)/bin/sdlora export out/demo-style/mosaic.safetensors --format kohya --out out/demo-style/mosaic-kohya.safetensors
+	$(VENV)/bin/sdlora generate "a red circle, zmosaic" "a blue square, zmosaic" "a green triangle, zmosaic" \
+		--adapter out/demo-style/mosaic-kohya.safetensors --compare --num 6 --seed 0 --steps 25 \
+		--out out/demo-before-after.png --quiet > /dev/null
+	@echo "demo: wrote out/demo-style/mosaic.safetensors (kohya copy beside it) and out/demo-before-after.png"
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -rs tests

@@ -100,12 +100,20 @@ def cmd_generate(args) -> int:
         for role, report in base.quantize(args.quant).items():
             if not args.quiet:
                 print(f"{role}: {report}", file=sys.stderr)
+    if args.compare and not args.adapter:
+        raise SdloraError("--compare shows pictures without and with adapters", "give at least one --adapter")
     mix = load_mix(base, args.adapter)
     results = generate(base, settings, progress=not args.quiet, mix=mix if mix.adapters else None)
     if args.adapter:
         for r in results:
             r.extra["adapters"] = list(args.adapter)
-    for path in write_outputs(results, Path(args.out), settings.num):
+    labels = None
+    if args.compare:  # per prompt: a row without the adapters (same seeds), then the row with them
+        plain = generate(base, settings, progress=not args.quiet)
+        n = settings.num
+        results = [r for i in range(0, len(results), n) for r in plain[i : i + n] + results[i : i + n]]
+        labels = [f"{p} ({kind})" for p in settings.prompts for kind in ("without", "with adapters")]
+    for path in write_outputs(results, Path(args.out), settings.num, labels):
         print(path)
     return 0
 
@@ -153,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", action="append", default=[], metavar="FILE[:W[:TE_W]]",
                    help="apply an adapter (sdlora, kohya or diffusers file) with UNet weight W and text-encoder "
                         "weight TE_W (both default 1; TE_W defaults to W); repeat to mix several")
+    g.add_argument("--compare", action="store_true",
+                   help="before/after grid: each prompt's row without the adapters, then with them (same seeds)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 

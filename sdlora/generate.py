@@ -200,9 +200,10 @@ def save_png(image: Image.Image, path: Path, pnginfo: PngInfo | None = None) -> 
     return path
 
 
-def write_outputs(results: list[Generated], out: Path, num: int) -> list[Path]:
-    """One picture: written to `out`. Several: each as OUT-<prompt>-<k>.png, and `out` is a
-    labelled grid (a row per prompt, a column per seed)."""
+def write_outputs(results: list[Generated], out: Path, num: int, row_labels: list[str] | None = None) -> list[Path]:
+    """One picture: written to `out`. Several: each as OUT-<row>-<k>.png, and `out` is a
+    labelled grid (a row per `num` results, so per prompt, a column per seed; rows are labelled
+    with their prompt unless `row_labels` are given)."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise SdloraError(f"--out {out} must end in .png", "pass a file name like out/picture.png")
@@ -213,7 +214,7 @@ def write_outputs(results: list[Generated], out: Path, num: int) -> list[Path]:
         for i, r in enumerate(results)
     ]
     rows = [[r.image for r in results[i : i + num]] for i in range(0, len(results), num)]
-    labels = [results[i].prompt for i in range(0, len(results), num)]
+    labels = row_labels or [results[i].prompt for i in range(0, len(results), num)]
     cols = [f"seed {r.seed}" for r in results[:num]]
     info = PngInfo()
     info.add_text("sdlora", json.dumps({"grid": [r.metadata() for r in results]}, sort_keys=True))

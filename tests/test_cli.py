@@ -142,3 +142,25 @@ def test_merge_resize_bake_and_extract_from_the_command_line(adapter_files, tmp_
     assert proc.returncode == 0 and float(proc.stderr.strip().rsplit(" ", 1)[-1]) < 1e-4, proc.stderr
     proc = sdlora("resize", str(merged), "--out", str(tmp_path / "y.safetensors"))
     assert proc.returncode == 2  # argparse: --rank or --energy is required
+
+
+def test_generate_compare_puts_the_plain_row_above_the_adapter_row(adapter_files, tmp_path):
+    out = tmp_path / "ab.png"
+    common = ["--out", str(out), "--steps", "4", "--num", "2", "--quiet"]
+    proc = sdlora("generate", "a red circle", "--adapter", str(adapter_files["kohya"]), "--compare", *common)
+    assert proc.returncode == 0, proc.stderr
+    plain = tmp_path / "plain.png"
+    sdlora("generate", "a red circle", "--out", str(plain), "--steps", "4", "--num", "2", "--quiet")
+    with_adapter = tmp_path / "with.png"
+    sdlora("generate", "a red circle", "--adapter", str(adapter_files["kohya"]), "--out", str(with_adapter),
+           "--steps", "4", "--num", "2", "--quiet")
+
+    def pixels(p):
+        return np.asarray(Image.open(p))
+
+    for k in range(2):  # row 0 = without, row 1 = with, the same seeds
+        assert np.array_equal(pixels(tmp_path / f"ab-00-0{k}.png"), pixels(tmp_path / f"plain-00-0{k}.png"))
+        assert np.array_equal(pixels(tmp_path / f"ab-01-0{k}.png"), pixels(tmp_path / f"with-00-0{k}.png"))
+    assert not np.array_equal(pixels(tmp_path / "ab-00-00.png"), pixels(tmp_path / "ab-01-00.png"))
+    proc = sdlora("generate", "a red circle", "--compare", "--out", str(tmp_path / "x.png"))
+    assert proc.returncode == 2 and "give at least one --adapter" in proc.stderr

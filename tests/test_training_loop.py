@@ -160,3 +160,21 @@ def test_bad_data_stops_before_anything_is_written(tmp_path):
     with pytest.raises(SdloraError, match="a.png: unreadable"):
         train(TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "out"), steps=2), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_mixed_precision_runs_back_to_back_keep_fp32_weights(tmp_path):
+    """bf16 then fp16 in one process (as the web UI would); the trained weights stay fp32 and the
+    losses follow the fp32 run's."""
+    from safetensors.torch import load_file
+
+    common = dict(data_dir=str(STYLES / "dots"), steps=3, batch_size=2, rank=2, lr=1e-3, validation_split=0)
+    full = train(TrainConfig(out_dir=str(tmp_path / "no"), **common), progress=False)
+    bf16 = train(TrainConfig(out_dir=str(tmp_path / "bf16"), mixed_precision="bf16", **common), progress=False)
+    assert {t.dtype for t in load_file(str(bf16.adapter)).values()} == {torch.float32}
+    assert bf16.losses == pytest.approx(full.losses, rel=0.05) and bf16.losses != full.losses  # autocast ran
+    assert read_adapter_file(bf16.adapter).training["precision"] == "bf16"
+    if not torch.cuda.is_available():  # accelerate has no fp16 autocast on the CPU: said, and fp32 runs
+        with pytest.warns(UserWarning, match="mixed precision fp16 is not supported on cpu; training runs in fp32"):
+            fp16 = train(TrainConfig(out_dir=str(tmp_path / "fp16"), mixed_precision="fp16", **common), progress=False)
+        assert fp16.losses == full.losses and read_adapter_file(fp16.adapter).training["precision"] == "no"

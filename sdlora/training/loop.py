@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def enable_unet_checkpointing(unet) -> None:
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
@@ -110,8 +112,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     _check_out_dir(cfg, out_dir, ckpt_dir)
+    # accelerate keeps its settings in a process-wide singleton: a second run in one process (the web UI,
+    # tests) with another precision would be refused, so that part is cleared; the process group stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     # Gradient accumulation and the schedule are handled here, step by optimizer step, not by accelerate.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    precision = cfg.mixed_precision if accelerator.native_amp else "no"
+    if precision != cfg.mixed_precision:  # accelerate has no fp16 autocast on the CPU
+        warnings.warn(f"mixed precision {cfg.mixed_precision} is not supported on {accelerator.device.type}; "
+                      "training runs in fp32 (bf16 is)", UserWarning, stacklevel=2)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
@@ -257,7 +266,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     validate(step)
     log.close()
     summary = {**asdict(cfg), "steps_done": step, "epochs": epoch, "pictures": len(train_items),
-               "held_out": len(held_out), "final_loss": losses[-1], "processes": world,
+               "held_out": len(held_out), "final_loss": losses[-1], "processes": world, "precision": precision,
                "final_val_loss": val_losses[-1][1] if val_losses else None, "seconds": round(time.time() - t0, 1)}
     path = out_dir / f"{cfg.name}.safetensors"
     if main:
