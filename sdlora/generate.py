@@ -34,6 +34,7 @@ class GenerateSettings:
     height: int | None = None
     num: int = 1
     scheduler: str = DEFAULT_SCHEDULER
+    same_seed: bool = False  # every picture from `seed` (X/Y grids: only the mix changes along a row)
 
     def __post_init__(self):
         if isinstance(self.prompts, str):
@@ -57,6 +58,10 @@ class GenerateSettings:
             raise SdloraError(f"seed must be between 0 and 2**63-1, got {self.seed}", "pass a non-negative --seed")
         if self.scheduler not in SCHEDULERS:
             raise SdloraError(f"unknown scheduler '{self.scheduler}'", f"choose one of: {', '.join(SCHEDULERS)}")
+
+    def seed_of(self, k: int) -> int:
+        """The seed of picture k of each prompt."""
+        return self.seed if self.same_seed else self.seed + k
 
 
 @dataclass
@@ -107,7 +112,7 @@ def _call_pipeline(base: Base, settings: GenerateSettings, prompt: str, width: i
     pipe.set_progress_bar_config(disable=True)
     device = base.pipe.device
     # One generator per picture: picture k of a call equals a call with seed + k (as in A1111).
-    gens = [torch.Generator(device="cpu").manual_seed(settings.seed + k) for k in range(settings.num)]
+    gens = [torch.Generator(device="cpu").manual_seed(settings.seed_of(k)) for k in range(settings.num)]
     # Initial noise drawn on the CPU for every device, so a seed gives the same picture everywhere.
     shape = (settings.num, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     latents = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(device, pipe.unet.dtype)
@@ -149,7 +154,7 @@ def generate(base: Base, settings: GenerateSettings, progress: bool = True, mix=
         for prompt in settings.prompts:
             images = _call_pipeline(base, settings, prompt, width, height, lambda: bar.update(1), mix)
             extra = {"quant": base.quant} if base.quant else {}
-            results += [Generated(im, prompt, settings.seed + k, settings, base.source, dict(extra))
+            results += [Generated(im, prompt, settings.seed_of(k), settings, base.source, dict(extra))
                         for k, im in enumerate(images)]
     return results
 

@@ -233,6 +233,12 @@ class Mixer:
                 finally:
                     reset_mix(token)
 
+    @contextmanager
+    def exclusive(self):
+        """No pass runs while the body does: for loading or removing adapters on shared models."""
+        with self._lock.write():
+            yield
+
     def _fuse(self, mix: Mix) -> list[tuple[torch.Tensor, torch.Tensor]]:
         saved = []
         try:

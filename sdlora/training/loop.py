@@ -102,7 +102,10 @@ def enable_unet_checkpointing(unet) -> None:
     unet.enable_gradient_checkpointing(checkpoint_in_context)
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=None) -> TrainResult:
+    """Run the training `cfg` describes. `on_step(step, total, loss)` is called after every optimizer
+    step (the web UI's progress and loss chart); when `should_stop()` turns true the run ends after
+    the current step and writes the adapter as it is then (the summary records the steps done)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from diffusers import DDPMScheduler
@@ -247,6 +250,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         log.step(step, epoch, step_loss, schedule.get_last_lr()[0])
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
+        if on_step:
+            on_step(step, cfg.steps, step_loss)
+        if should_stop and should_stop():
+            break
         if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:
             validate(step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
