@@ -1,0 +1,300 @@
+"""The Gradio page: layout and wiring only. Every action is one call into sdlora.studio.Studio.
+
+Each event has an api_name, so the page's functions can be driven with gradio_client exactly as
+the browser drives them (the tests do).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from functools import wraps
+
+import gradio as gr
+
+from sdlora.errors import SdloraError
+from sdlora.library import LibraryEntry
+from sdlora.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from sdlora.studio import Slot, Studio
+
+SLOTS = 4  # rows in the adapter mixer; <lora:name:w> tags in the prompt add more
+SLOT_FIELDS = 6  # name, UNet weight, text-encoder weight, on, block weights, step range
+
+
+def _user_errors(fn):
+    """Our errors become a message on the page (and an error for API clients), never a traceback."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SdloraError as err:
+            raise gr.Error(str(err)) from None
+    return wrapper
+
+
+def _slots(values) -> list[Slot]:
+    """The mixer's flat field values, SLOT_FIELDS per row, as Slots."""
+    rows = [values[i : i + SLOT_FIELDS] for i in range(0, len(values), SLOT_FIELDS)]
+    return [Slot(name=n or "", unet=u, text_encoder=t, enabled=bool(on), blocks=b or "", steps=s or "")
+            for n, u, t, on, b, s in rows]
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise SdloraError(f"cannot read the weights {text!r}", "write numbers separated by commas") from None
+
+
+def _names_dropdown(choices, **kwargs) -> gr.Dropdown:
+    """The listing changes while the page is open (training, export, merge, rename), and a stale
+    page's choices must not block it: any value is accepted here, and the Studio accepts only names
+    that are in the library's listing at the time of the call."""
+    return gr.Dropdown(choices, allow_custom_value=True, **kwargs)
+
+
+def build(studio: Studio) -> gr.Blocks:
+    lim = studio.limits
+    native = studio.base.native_size
+    names = studio.library.names
+
+    with gr.Blocks(title="sdlora") as page:
+        gr.Markdown("# sdlora")
+        with gr.Tab("Generate"):
+            prompt = gr.Textbox(label="Prompt", lines=2, max_length=lim.max_prompt_chars, elem_id="prompt",
+                                placeholder="a red circle <lora:name:0.8>")
+            negative = gr.Textbox(label="Negative prompt", max_length=lim.max_prompt_chars)
+            with gr.Row():
+                seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
+                dice = gr.Button("Random seed", elem_id="dice", scale=0)
+                steps = gr.Slider(1, lim.max_steps, value=20, step=1, label="Steps")
+                guidance = gr.Slider(0, 30, value=5, step=0.5, label="Guidance")
+            with gr.Row():
+                width = gr.Slider(8, lim.max_side, value=native, step=8, label="Width")
+                height = gr.Slider(8, lim.max_side, value=native, step=8, label="Height")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Sampler")
+                num = gr.Slider(1, lim.max_images, value=1, step=1, label="Images")
+            gr.Markdown("Adapters (or `<lora:name:weight>` in the prompt)")
+            slot_fields = []
+            for i in range(SLOTS):
+                with gr.Row():
+                    slot_fields += [
+                        _names_dropdown(names(), value=None, label=f"Adapter {i + 1}", elem_id=f"slot{i}-name"),
+                        gr.Slider(-lim.max_weight, lim.max_weight, value=1.0, step=0.05, label="UNet weight",
+                                  elem_id=f"slot{i}-unet"),
+                        gr.Slider(-lim.max_weight, lim.max_weight, value=1.0, step=0.05, label="Text-encoder weight",
+                                  elem_id=f"slot{i}-te"),
+                        gr.Checkbox(True, label="On", elem_id=f"slot{i}-on"),
+                        gr.Textbox(label="Block weights", placeholder="down=1, mid=1, up=1"),
+                        gr.Textbox(label="Step range", placeholder="0-20"),
+                    ]
+            with gr.Row():
+                refresh = gr.Button("Refresh adapter list")
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+            gallery = gr.Gallery(label="Pictures", elem_id="gallery", columns=4, height=360, object_fit="contain")
+            with gr.Accordion("X/Y grid", open=False):
+                with gr.Row():
+                    x_name = _names_dropdown(names(), label="X: adapter")
+                    x_weights = gr.Textbox("0, 0.5, 1", label="X weights")
+                    y_name = _names_dropdown(names(), label="Y: adapter")
+                    y_weights = gr.Textbox("0, 0.5, 1", label="Y weights")
+                grid_go = gr.Button("Make grid")
+                grid = gr.Image(label="Grid", type="filepath")
+
+        with gr.Tab("Train"):
+            with gr.Row():
+                dataset = _names_dropdown(studio.datasets(), label="Dataset (folders under the data root)")
+                upload = gr.File(label="Or upload pictures and .txt captions", file_count="multiple")
+                upload_name = gr.Textbox(label="New dataset name")
+                upload_go = gr.Button("Add dataset")
+            with gr.Row():
+                t_name = gr.Textbox(label="Adapter name", value="my-style")
+                t_method = gr.Radio(["lora", "dora", "vera"], value="lora", label="Method")
+                t_rank = gr.Slider(1, 128, value=8, step=1, label="Rank")
+                t_steps = gr.Slider(1, 5000, value=300, step=1, label="Steps")
+                t_lr = gr.Number(1e-3, label="Learning rate")
+            with gr.Row():
+                t_trigger = gr.Textbox(label="Trigger word (optional)")
+                t_quant = gr.Radio(["nf4", "int8", "none"], value="nf4", label="Base quantization")
+                t_prompt = gr.Textbox(label="Validation prompt (optional)")
+            with gr.Row():
+                t_start = gr.Button("Start training", variant="primary")
+                t_stop = gr.Button("Stop")
+            t_status = gr.Textbox(label="Status", interactive=False)
+            t_progress = gr.Slider(0, 100, value=0, label="Progress (%)", interactive=False)
+            t_loss = gr.LinePlot(x="step", y="loss", label="Loss", height=220)
+            t_samples = gr.Gallery(label="Validation pictures", columns=2)
+            timer = gr.Timer(1.0)
+
+        with gr.Tab("Adapters"):
+            table = gr.Dataframe(headers=LibraryEntry.columns(), interactive=False, label="Library")
+            with gr.Row():
+                chosen = _names_dropdown(names(), label="Adapter")
+                inspect_go = gr.Button("Inspect")
+            details = gr.Code(label="Details", language="json", interactive=False)  # text, never HTML
+            with gr.Row():
+                fmt = gr.Radio(["kohya", "diffusers", "sdlora"], value="kohya", label="Export as")
+                export_go = gr.Button("Export")
+            with gr.Row():
+                merge_names = _names_dropdown(names(), multiselect=True, label="Merge these")
+                merge_weights = gr.Textbox(label="with weights", placeholder="1, 1")
+                merge_name = gr.Textbox(label="into")
+                merge_go = gr.Button("Merge")
+            with gr.Row():
+                new_name = gr.Textbox(label="Rename to")
+                rename_go = gr.Button("Rename")
+                confirm = gr.Textbox(label="Type the name to delete it")
+                delete_go = gr.Button("Delete", variant="stop")
+            message = gr.Textbox(label="Result", interactive=False)
+
+        # ---- wiring ------------------------------------------------------------------------------
+        name_dropdowns = [slot_fields[i * SLOT_FIELDS] for i in range(SLOTS)] + [x_name, y_name, chosen]
+
+        def listing():
+            rows = [e.row() for e in studio.library.entries()]
+            choices = studio.library.names()
+            return [rows] + [gr.update(choices=choices) for _ in name_dropdowns] + [gr.update(choices=choices)]
+
+        listing_outputs = [table, *name_dropdowns, merge_names]
+        refresh.click(listing, None, listing_outputs, api_name="library")
+        page.load(listing, None, listing_outputs, api_name=False)
+
+        dice.click(lambda: random.randrange(2**32), None, seed, api_name="dice")
+
+        @_user_errors
+        def do_generate(prompt, negative, seed, steps, guidance, width, height, scheduler, num, *slot_values):
+            return studio.generate(prompt, _slots(slot_values), negative=negative, seed=int(seed), steps=int(steps),
+                                   guidance=guidance, width=int(width), height=int(height), scheduler=scheduler,
+                                   num=int(num))
+
+        settings_inputs = [prompt, negative, seed, steps, guidance, width, height, scheduler, num]
+        go.click(do_generate, settings_inputs + slot_fields, gallery, api_name="generate")
+
+        @_user_errors
+        def do_grid(xn, xw, yn, yw, prompt, negative, seed, steps, guidance, width, height, scheduler, num,
+                    *slot_values):
+            return str(studio.xy_grid(prompt, _slots(slot_values), xn, _weights(xw), yn, _weights(yw),
+                                      negative=negative, seed=int(seed), steps=int(steps), guidance=guidance,
+                                      width=int(width), height=int(height), scheduler=scheduler))
+
+        grid_go.click(do_grid, [x_name, x_weights, y_name, y_weights] + settings_inputs + slot_fields, grid,
+                      api_name="xy_grid")
+
+        @_user_errors
+        def do_upload(files, name):
+            added = studio.add_dataset(name, [f if isinstance(f, str) else f.name for f in (files or [])])
+            return gr.update(choices=studio.datasets(), value=added)
+
+        upload_go.click(do_upload, [upload, upload_name], dataset, api_name="add_dataset")
+
+        @_user_errors
+        def do_start(dataset, name, method, rank, steps, lr, trigger, quant, val_prompt):
+            job = studio.start_training(dataset, name, method=method, rank=int(rank), steps=int(steps), lr=float(lr),
+                                        trigger=trigger or None, quant=quant,
+                                        validation_prompts=(val_prompt,) if val_prompt else None,
+                                        validate_every=max(1, int(steps) // 4) if val_prompt else None)
+            return f"{job.status}: {job.name}"
+
+        t_start.click(do_start, [dataset, t_name, t_method, t_rank, t_steps, t_lr, t_trigger, t_quant, t_prompt],
+                      t_status, api_name="train_start")
+        t_stop.click(lambda: studio.stop_training() or "stopping", None, t_status, api_name="train_stop")
+
+        def poll():
+            import pandas as pd
+
+            job = studio.job()
+            if job is None:
+                return "no training run yet", 0, pd.DataFrame({"step": [], "loss": []}), []
+            text = f"{job.status}: {job.name}, step {job.step}/{job.total}"
+            text += f" - {job.error}" if job.error else (f" - in the library as {job.adapter}" if job.adapter else "")
+            losses = pd.DataFrame({"step": list(range(1, len(job.losses) + 1)), "loss": list(job.losses)})
+            return text, 100 * job.step / max(1, job.total), losses, [str(p) for p in job.samples()]
+
+        timer.tick(poll, None, [t_status, t_progress, t_loss, t_samples], api_name="train_status")
+
+        @_user_errors
+        def do_inspect(name):
+            return json.dumps(studio.library.inspect(name), indent=2, sort_keys=True, default=str)
+
+        inspect_go.click(do_inspect, chosen, details, api_name="inspect")
+
+        @_user_errors
+        def do_export(name, fmt):
+            return f"exported as {studio.library.export(name, fmt, studio.base)}"
+
+        export_go.click(do_export, [chosen, fmt], message, api_name="export")
+
+        @_user_errors
+        def do_merge(chosen_names, weights, new):
+            weights = _weights(weights) if weights and weights.strip() else [1.0] * len(chosen_names or [])
+            if len(weights) != len(chosen_names or []):
+                raise SdloraError(f"{len(chosen_names or [])} adapters but {len(weights)} weights", "give one each")
+            return f"merged into {studio.library.merge(list(zip(chosen_names, weights)), new, studio.base)}"
+
+        merge_go.click(do_merge, [merge_names, merge_weights, merge_name], message, api_name="merge")
+
+        @_user_errors
+        def do_rename(name, new):
+            return f"renamed to {studio.library.rename(name, new)}"
+
+        rename_go.click(do_rename, [chosen, new_name], message, api_name="rename")
+
+        @_user_errors
+        def do_delete(name, typed):
+            studio.library.delete(name, typed)
+            return f"deleted {name}"
+
+        delete_go.click(do_delete, [chosen, confirm], message, api_name="delete")
+        for button in (export_go, merge_go, rename_go, delete_go):
+            button.click(listing, None, listing_outputs, api_name=False)
+    return page
+
+
+class SameOriginOnly:
+    """ASGI middleware: a request whose Origin header names another site than the one it is sent to
+    is refused with 403, so a page elsewhere cannot drive this one through a visitor's browser
+    (Gradio's own CORS check only withholds the response headers; the request still runs)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            from urllib.parse import urlsplit
+
+            headers = dict(scope["headers"])
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            host = headers.get(b"host", b"").decode("latin-1")
+            if origin and urlsplit(origin).netloc != host:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                from starlette.responses import PlainTextResponse
+
+                await PlainTextResponse(f"cross-origin request from {origin} refused", 403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def launch_options(studio: Studio, host: str = "127.0.0.1", port: int | None = None, auth: str | None = None,
+                   share: bool = False) -> dict:
+    """Blocks.launch arguments: local by default, only the library and output folders served, uploads
+    capped, no monitoring page, no share link unless asked."""
+    from starlette.middleware import Middleware
+
+    options = dict(server_name=host, server_port=port, share=share, enable_monitoring=False, strict_cors=True,
+                   allowed_paths=[str(studio.outputs), str(studio.library.folder)],
+                   max_file_size=f"{studio.limits.max_upload_mb}mb", ssr_mode=False, show_error=True,
+                   app_kwargs={"middleware": [Middleware(SameOriginOnly)]})
+    if auth:
+        user, sep, password = auth.partition(":")
+        if not sep or not user or not password:
+            raise SdloraError("--auth must be USER:PASS", "pass e.g. --auth me:a-long-password")
+        options["auth"] = (user, password)
+    return options
+
+
+def serve(studio: Studio, queue_size: int = 16, concurrency: int = 2, **launch) -> gr.Blocks:
+    page = build(studio).queue(max_size=queue_size, default_concurrency_limit=concurrency, api_open=False)
+    page.launch(**launch_options(studio, **launch), prevent_thread_lock=True, quiet=True)
+    return page
