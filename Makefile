@@ -43,6 +43,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -rs tests
 
+# Speed and memory against diffusers + PEFT, measured side by side (about 20 minutes on two cores):
+# a table on stdout and bench-results.json. Not part of make test: timings belong here.
+bench: $(VENV)/.installed-test
+	$(PY) -m tests.bench.run --out bench-results.json
+
 # Rebuild what samples/ ships (seeded; the base takes about 35 minutes on two cores).
 embedded: $(VENV)/.installed
 	$(PY) train_scripts/build_embedded_base.py --out samples/embedded

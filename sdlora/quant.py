@@ -35,6 +35,28 @@ def _params4bit(weight: torch.Tensor, quant_type: str, double_quant: bool):
                              quant_type=quant_type)
 
 
+class _FrozenQuantConv(torch.autograd.Function):
+    """conv2d with a frozen 4-bit weight. Autograd's own conv2d would keep the dequantized weight
+    (out*in*kh*kw floats per layer, 2.4 GB for SD1.5's convolutions) alive from the forward to the
+    backward pass; here the backward dequantizes again, as bitsandbytes' 4-bit matmul does, and
+    only the input's gradient is computed (the base gets none)."""
+
+    @staticmethod
+    def forward(ctx, x, layer, dtype):
+        w = layer.dequantize().to(dtype)  # (out, in, kh, kw)
+        b = None if layer.bias is None else layer.bias.to(dtype)
+        ctx.layer, ctx.dtype, ctx.x_shape = layer, dtype, x.shape
+        return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        layer = ctx.layer
+        w = layer.dequantize().to(ctx.dtype)
+        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, grad_out.to(ctx.dtype), layer.stride, layer.padding,
+                                            layer.dilation)
+        return grad_x, None, None
+
+
 class QuantConv2d(nn.Module):
     """A Conv2d whose weight (out, in, kh, kw) is held as 4-bit blocks of the flattened
     (out, in*kh*kw) matrix, dequantized to the compute dtype at every call."""
@@ -62,6 +84,8 @@ class QuantConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype if x.dtype == torch.float32 else x.dtype
+        if torch.is_grad_enabled() and x.requires_grad:  # training through the layer: see _FrozenQuantConv
+            return _FrozenQuantConv.apply(x.to(dtype), self, dtype).to(x.dtype)
         w = self.dequantize().to(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
         return F.conv2d(x.to(dtype), w, b, self.stride, self.padding, self.dilation).to(x.dtype)

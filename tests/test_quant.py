@@ -151,3 +151,22 @@ def test_embedded_base_in_nf4_still_draws_the_named_colours(embedded):
         results = generate(base, GenerateSettings(prompts=(prompt,), num=10, steps=20), progress=False)
         hits += sum(dominant_foreground_color(r.image) == colour for r in results)
     assert hits >= 24, hits
+
+
+def test_training_through_a_4bit_conv_keeps_no_float_weight_and_gets_exact_input_gradients():
+    """The backward pass dequantizes again instead of holding (out, in, kh, kw) floats between the
+    passes; the input's gradient equals autograd's through the dequantized weight."""
+    torch.manual_seed(0)
+    for stride, padding, kernel in ((1, 1, 3), (2, 1, 3), (1, 0, 1)):
+        q = QuantConv2d(nn.Conv2d(32, 48, kernel, stride=stride, padding=padding))
+        weight_numel = q.out_channels * q.in_channels * kernel * kernel
+        x = torch.randn(2, 32, 9, 9, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = q(x)
+        assert weight_numel not in saved
+        out.square().sum().backward()
+        ours, x.grad = x.grad, None
+        reference = torch.nn.functional.conv2d(x, q.dequantize(), q.bias, stride, padding)
+        reference.square().sum().backward()
+        assert torch.equal(out, reference) and torch.equal(ours, x.grad)

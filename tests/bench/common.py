@@ -1,0 +1,135 @@
+"""Shared pieces of `make bench`: timing, memory readings, the machine, result rows.
+
+Every time is the median of at least 5 runs after a warm-up; every ratio is ours / reference,
+both measured in the same process run, pair by pair."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class Row:
+    name: str
+    ours: float | None
+    reference: float | None
+    unit: str
+    goal: float | None  # the largest ours/reference we accept; None: reported only
+    machine: str
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ours is None or not self.reference:
+            return None
+        return self.ours / self.reference
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["ratio"] = None if self.ratio is None else round(self.ratio, 4)
+        return d
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1).strip()
+        cpu = model
+    except (OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{os.cpu_count()} x {cpu} (CPU), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def versions() -> dict:
+    import accelerate
+    import bitsandbytes
+    import diffusers
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+            "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def median_time(fn, runs: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() in milliseconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def rss_bytes() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def reset_peak() -> None:
+    """Linux: make VmHWM (the peak resident size) start again from the current size."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_bytes() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def print_table(rows: list[Row]) -> None:
+    head = f"{'benchmark':<58} {'ours':>12} {'reference':>12} {'unit':<9} {'ratio':>7} {'goal':>6}  verdict"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ours = "-" if r.ours is None else f"{r.ours:.4g}"
+        ref = "-" if r.reference is None else f"{r.reference:.4g}"
+        ratio = "-" if r.ratio is None else f"{r.ratio:.3f}"
+        goal = "-" if r.goal is None else f"{r.goal:g}"
+        verdict = "" if r.goal is None or r.ratio is None else ("met" if r.ratio <= r.goal else "MISSED")
+        print(f"{r.name:<58} {ours:>12} {ref:>12} {r.unit:<9} {ratio:>7} {goal:>6}  {verdict}")
+        if r.note:
+            print(f"{'':<4}{r.note}")
+
+
+def write_results(rows: list[Row], path: Path, extra: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([r.as_json() for r in rows], indent=1) + "\n")
+    tmp.replace(path)
+    meta = path.with_name(path.stem + "-meta.json")
+    meta.write_text(json.dumps(extra, indent=1) + "\n")
+
+
+def sd15_unet(dtype=torch.float32, seed: int = 0):
+    """The real SD1.5 UNet architecture from its published config, random weights (no download)."""
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads((CONFIGS / "sd15_unet.json").read_text())
+    config.pop("_class_name")
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config).to(dtype).eval()
+
+
+def sd15_text_encoder(seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(**json.loads((CONFIGS / "sd15_text_encoder.json").read_text()))
+    torch.manual_seed(seed)
+    return CLIPTextModel(config).eval()
