@@ -247,10 +247,9 @@ class Mixer:
                 weights = {n: w for n, w in weights.items() if w != 0.0}
                 if not weights:
                     continue
-                delta = layer.delta_weight(weights)
                 weight = layer.base_layer.weight
                 saved.append((weight, weight.data.clone()))
-                weight.data.add_(delta.to(weight.dtype))
+                layer.add_delta_(weight.data, weights)
         except BaseException:
             for weight, original in saved:
                 weight.data.copy_(original)

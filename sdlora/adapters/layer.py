@@ -106,6 +106,23 @@ class AdapterLayer(nn.Module):
                 delta = delta + _per_sample(w, batch, d.dim()) * d
         return delta
 
+    def add_delta_(self, target: torch.Tensor, weights: dict[str, float]) -> None:
+        """target (the base weight, (out, in[, kh, kw]), float) += sum_i w_i D_i in place. The
+        low-rank adapters go in as one product of their concatenated factors, (out, R) @ (R, in*kh*kw),
+        accumulated straight into target: no full-size temporary per adapter."""
+        low = [(self.adapters[n], w) for n, w in weights.items() if self.adapters[n].low_rank]
+        rest = {n: w for n, w in weights.items() if not self.adapters[n].low_rank}
+        # DoRA's delta depends on W0, which target may be: computed before target changes.
+        dense = self.delta_weight(rest) if rest else None
+        if low:
+            pairs = [a.pair() for a, _ in low]
+            down = torch.cat([d.reshape(d.shape[0], -1) for d, _ in pairs]).to(target.dtype)  # (R, in*kh*kw)
+            up = torch.cat([u.reshape(u.shape[0], -1) * (a.scale * w) for (_, u), (a, w) in zip(pairs, low)],
+                           dim=1).to(target.dtype)  # (out, R)
+            target.view(target.shape[0], -1).addmm_(up, down)
+        if dense is not None:
+            target.add_(dense.to(target.dtype))
+
     def delta_weight(self, weights: dict[str, float]) -> torch.Tensor | None:
         """sum_i w_i * D_i as a weight tensor (fp32), for fusing into a float base; None if empty."""
         w0 = None
