@@ -81,6 +81,25 @@ def median_time(fn, runs: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def paired_times(a, b, runs: int = 5, warmup: int = 2) -> tuple[float, float]:
+    """Medians (ms) of a() and b(), run alternately after `warmup` calls of each, so that drift of
+    the machine (clock, caches, page faults of fresh copies) falls on both sides alike."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(runs):
+        for fn, out in ((a, ta), (b, tb)):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            out.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def rss_bytes() -> int:
     return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 

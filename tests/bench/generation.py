@@ -4,12 +4,13 @@ time per UNet step with 0-8 adapters, switching a mix, and per-sample mixes.
 Ours: a float base runs a mix fused (merged into the weights once per mix); an NF4 base runs it
 unfused, all adapters as one concatenated low-rank product. Reference: diffusers + PEFT with
 `set_adapters` (each active adapter computed in every forward), `fuse_lora`/`unfuse_lora`, and
-PEFT's mixed-batch `adapter_names` path."""
+PEFT's mixed-batch `adapter_names` path. Every pair is timed alternately (common.paired_times)."""
 
 from __future__ import annotations
 
 import copy
 import time
+from contextlib import ExitStack
 
 import torch
 
@@ -17,7 +18,7 @@ from sdlora.mixing import Mix
 from sdlora.quant import quantize_model
 
 from . import adapters
-from .common import Row, median_time, sd15_unet
+from .common import Row, paired_times, sd15_unet
 
 COUNTS = (0, 1, 2, 4, 8)
 NAMES = [f"a{i}" for i in range(max(COUNTS))]
@@ -29,152 +30,145 @@ def _inputs(batch: int):
             torch.randn(batch, 77, 768, generator=g))
 
 
+def _mix(n: int) -> Mix:
+    return Mix({a: 1.0 / n for a in NAMES[:n]})
+
+
+def _set_ref(unet, n: int) -> None:
+    if n == 0:
+        unet.disable_adapters()
+    else:
+        unet.enable_adapters()
+        unet.set_adapters(NAMES[:n], [1.0 / n] * n)
+
+
 @torch.no_grad()
 def run(machine: str, runs: int = 5) -> list[Row]:
-    pristine = sd15_unet()
+    pristine = sd15_unet()  # also the cost of a fused step: a fused model runs exactly the base's compute
     x, t, h = _inputs(2)
-    rows: list[Row] = []
-
-    # ---- ours ------------------------------------------------------------------------------
     ours_float = copy.deepcopy(pristine)
     _, mixer = adapters.ours(ours_float, "attn", NAMES)
     ours_nf4 = copy.deepcopy(pristine)
     quantize_model(ours_nf4, "nf4", convs=True)
     _, mixer_nf4 = adapters.ours(ours_nf4, "attn", NAMES)
-
-    def timed(unet, mixer_, mix, mode):
-        def step():
-            with mixer_.apply(mix, mode=mode):
-                unet(x, t, h)
-        if mode == "fused":  # the fuse happens once per mix, not per step: time the steps under it
-            with mixer_.apply(mix, mode="fused"):
-                return median_time(lambda: unet(x, t, h), runs=runs)
-        return median_time(step, runs=runs)
-
-    ours_fused = {n: timed(ours_float, mixer, Mix({a: 1.0 / max(n, 1) for a in NAMES[:n]}), "fused")
-                  for n in COUNTS}
-    ours_unfused = {n: timed(ours_nf4, mixer_nf4, Mix({a: 1.0 / max(n, 1) for a in NAMES[:n]}), "unfused")
-                    for n in COUNTS}
-
-    # ---- reference -------------------------------------------------------------------------
     ref_float = adapters.reference(copy.deepcopy(pristine), "attn", NAMES)
     ref_nf4 = copy.deepcopy(pristine)
     quantize_model(ref_nf4, "nf4", convs=False)
     adapters.reference(ref_nf4, "attn", NAMES)
+    rows: list[Row] = []
 
-    def timed_ref(unet, n):
-        if n == 0:
-            unet.disable_adapters()
-        else:
-            unet.enable_adapters()
-            unet.set_adapters(NAMES[:n], [1.0 / n] * n)
-        return median_time(lambda: unet(x, t, h), runs=runs)
-
-    ref_float_t = {n: timed_ref(ref_float, n) for n in COUNTS}
-    ref_nf4_t = {n: timed_ref(ref_nf4, n) for n in COUNTS}
+    def step(unet):
+        return lambda: unet(x, t, h)
 
     for n in COUNTS:
-        rows.append(Row(f"generate float fused, {n} adapters vs no adapters (ms/step)", ours_fused[n], ours_fused[0],
-                        "ms", 1.02, machine))
+        with mixer.apply(_mix(n), mode="fused"):  # fused once; the steps below run under it
+            fused, plain = paired_times(step(ours_float), step(pristine), runs)
+            _set_ref(ref_float, n)
+            fused2, ref = paired_times(step(ours_float), step(ref_float), runs)
+        rows.append(Row(f"generate float fused, {n} adapters vs no adapters (ms/step)", fused, plain, "ms", 1.02,
+                        machine))
+        rows.append(Row(f"generate float, {n} adapters: ours fused vs set_adapters (ms/step)", fused2, ref, "ms", None,
+                        machine))
+    one = eight = None
     for n in COUNTS:
-        rows.append(Row(f"generate float, {n} adapters: ours fused vs set_adapters (ms/step)", ours_fused[n],
-                        ref_float_t[n], "ms", None, machine))
-    for n in COUNTS:
-        rows.append(Row(f"generate nf4 unfused, {n} adapters: ours vs set_adapters (ms/step)", ours_unfused[n],
-                        ref_nf4_t[n], "ms", None, machine))
-    rows.append(Row("generate nf4 unfused, 8 adapters vs 1 adapter (ms/step)", ours_unfused[8], ours_unfused[1], "ms",
-                    1.15, machine))
-    rows.append(Row("generate nf4 (ours, linear+conv) vs nf4 linear-only, 0 adapters (ms/step)", ours_unfused[0],
-                    ref_nf4_t[0], "ms", None, machine,
-                    note="our NF4 also dequantizes every convolution at each step; the reference keeps them fp32"))
+        _set_ref(ref_nf4, n)
+        with mixer_nf4.apply(_mix(n), mode="unfused"):
+            ours, ref = paired_times(step(ours_nf4), step(ref_nf4), runs)
+        rows.append(Row(f"generate nf4 unfused, {n} adapters: ours vs set_adapters (ms/step)", ours, ref, "ms", None,
+                        machine, note="" if n else "our NF4 base also dequantizes every convolution at each step; "
+                                                   "the reference keeps them fp32 (0.18x the memory, see above)"))
 
-    # ---- switching a 4-adapter mix to new weights --------------------------------------------
-    weights = [[0.2, 0.4, 0.6, 0.8], [0.8, 0.6, 0.4, 0.2]]
+    def under(mixer_, mix, mode, unet, *inputs):
+        def call():
+            with mixer_.apply(mix, mode=mode):
+                unet(*inputs)
+        return call
 
-    def ours_switch():
-        """Leave mix A (restore the exact weights) and enter mix B (fuse): then a step can run."""
-        a = mixer.apply(Mix(dict(zip(NAMES[:4], weights[0]))), mode="fused")
-        a.__enter__()
-        t0 = time.perf_counter()
-        a.__exit__(None, None, None)
-        b = mixer.apply(Mix(dict(zip(NAMES[:4], weights[1]))), mode="fused")
-        b.__enter__()
-        elapsed = time.perf_counter() - t0
-        b.__exit__(None, None, None)
-        return elapsed
+    eight, one = paired_times(under(mixer_nf4, _mix(8), "unfused", ours_nf4, x, t, h),
+                              under(mixer_nf4, _mix(1), "unfused", ours_nf4, x, t, h), runs)
+    rows.append(Row("generate nf4 unfused, 8 adapters vs 1 adapter (ms/step)", eight, one, "ms", 1.15, machine))
 
-    def ref_switch_set():
-        ref_float.enable_adapters()
-        ref_float.set_adapters(NAMES[:4], weights[0])
-        t0 = time.perf_counter()
-        ref_float.set_adapters(NAMES[:4], weights[1])
-        return time.perf_counter() - t0
-
-    def ref_switch_fuse():
-        ref_float.set_adapters(NAMES[:4], weights[0])
-        ref_float.fuse_lora(adapter_names=NAMES[:4])
-        t0 = time.perf_counter()
-        ref_float.unfuse_lora()
-        ref_float.set_adapters(NAMES[:4], weights[1])
-        ref_float.fuse_lora(adapter_names=NAMES[:4])
-        elapsed = time.perf_counter() - t0
-        ref_float.unfuse_lora()
-        return elapsed
-
-    def med(fn):
-        fn()
-        return sorted(fn() * 1000 for _ in range(runs))[runs // 2]
-
-    s_ours, s_set, s_fuse = med(ours_switch), med(ref_switch_set), med(ref_switch_fuse)
-    s_ours_unfused = med(lambda: _switch_unfused(mixer_nf4, weights))
-    rows.append(Row("switch 4-adapter mix, float: ours fuse vs fuse_lora+unfuse_lora (ms)", s_ours, s_fuse, "ms", 0.5,
-                    machine))
-    rows.append(Row("switch 4-adapter mix, float: ours fuse vs set_adapters (ms)", s_ours, s_set, "ms", 0.5, machine,
-                    note="set_adapters only sets scales; each later step then computes every adapter"))
-    rows.append(Row("switch 4-adapter mix, nf4: ours unfused vs set_adapters (ms)", s_ours_unfused, s_set, "ms", 0.5,
-                    machine))
+    rows += _switching(mixer, mixer_nf4, ref_float, runs, machine)
 
     # ---- per-sample mixes: a batch of 4, each sample its own adapter ---------------------------
     x4, t4, h4 = _inputs(4)
     per_sample = [Mix({NAMES[i]: 1.0}) for i in range(4)]
-    shared = Mix({NAMES[0]: 1.0})
-    ours_ps = median_time(lambda: _under(mixer, per_sample, "per_sample", ours_float, x4, t4, h4), runs=runs)
-    with mixer.apply(shared, mode="fused"):
-        ours_shared = median_time(lambda: ours_float(x4, t4, h4), runs=runs)
-    ours_shared_unfused = median_time(lambda: _under(mixer, shared, "unfused", ours_float, x4, t4, h4), runs=runs)
-    ours_separate = median_time(lambda: [_under(mixer, per_sample[i], "fused", ours_float, x4[i:i + 1], t4[i:i + 1],
-                                                h4[i:i + 1]) for i in range(4)], runs=runs)
-    ref_float.enable_adapters()
-    ref_float.set_adapters(NAMES[:4], [1.0] * 4)
-    hooks = _adapter_names_hooks(ref_float, NAMES[:4])
-    ref_ps = median_time(lambda: ref_float(x4, t4, h4), runs=runs)
-    for hook in hooks:
-        hook.remove()
-    rows.append(Row("per-sample mixes, batch 4: ours vs one shared mix fused (ms)", ours_ps, ours_shared, "ms", 1.1,
+    ps = under(mixer, per_sample, "per_sample", ours_float, x4, t4, h4)
+    ours_ps, shared_fused = paired_times(ps, lambda: pristine(x4, t4, h4), runs)
+    ours_ps2, shared_unfused = paired_times(ps, under(mixer, Mix({NAMES[0]: 1.0}), "unfused", ours_float, x4, t4, h4),
+                                            runs)
+
+    def separate():
+        for i in range(4):
+            under(mixer, per_sample[i], "fused", ours_float, x4[i:i + 1], t4[i:i + 1], h4[i:i + 1])()
+
+    ours_ps3, sep = paired_times(ps, separate, runs)
+    _set_ref(ref_float, 4)
+    with ExitStack() as stack:
+        for hook in _adapter_names_hooks(ref_float, NAMES[:4]):
+            stack.callback(hook.remove)
+        ours_ps4, peft_ps = paired_times(ps, lambda: ref_float(x4, t4, h4), runs)
+    rows.append(Row("per-sample mixes, batch 4: ours vs one shared mix fused (ms)", ours_ps, shared_fused, "ms", 1.1,
                     machine))
-    rows.append(Row("per-sample mixes, batch 4: ours vs one shared mix unfused (ms)", ours_ps, ours_shared_unfused, "ms",
+    rows.append(Row("per-sample mixes, batch 4: ours vs one shared mix unfused (ms)", ours_ps2, shared_unfused, "ms",
                     None, machine))
-    rows.append(Row("per-sample mixes, batch 4: ours vs 4 separate runs (ms)", ours_ps, ours_separate, "ms", None,
+    rows.append(Row("per-sample mixes, batch 4: ours vs 4 separate runs, fused (ms)", ours_ps3, sep, "ms", None,
                     machine))
-    rows.append(Row("per-sample mixes, batch 4: ours vs PEFT adapter_names (ms)", ours_ps, ref_ps, "ms", None, machine))
+    rows.append(Row("per-sample mixes, batch 4: ours vs PEFT adapter_names (ms)", ours_ps4, peft_ps, "ms", None,
+                    machine))
     return rows
 
 
-def _under(mixer, mix, mode, unet, x, t, h):
-    with mixer.apply(mix, mode=mode):
-        return unet(x, t, h)
+def _switching(mixer, mixer_nf4, ref_float, runs: int, machine: str) -> list[Row]:
+    """Time from a running 4-adapter mix to one with new weights, ready for the next step."""
+    weights = [[0.2, 0.4, 0.6, 0.8], [0.8, 0.6, 0.4, 0.2]]
+    mixes = [Mix(dict(zip(NAMES[:4], w))) for w in weights]
 
+    def ours_switch(mixer_, mode):
+        a = mixer_.apply(mixes[0], mode=mode)
+        a.__enter__()
+        t0 = time.perf_counter()
+        a.__exit__(None, None, None)  # fused: the exact original weights are copied back
+        b = mixer_.apply(mixes[1], mode=mode)
+        b.__enter__()
+        elapsed = time.perf_counter() - t0
+        b.__exit__(None, None, None)
+        return elapsed * 1000
 
-def _switch_unfused(mixer, weights):
-    a = mixer.apply(Mix(dict(zip(NAMES[:4], weights[0]))), mode="unfused")
-    a.__enter__()
-    t0 = time.perf_counter()
-    a.__exit__(None, None, None)
-    b = mixer.apply(Mix(dict(zip(NAMES[:4], weights[1]))), mode="unfused")
-    b.__enter__()
-    elapsed = time.perf_counter() - t0
-    b.__exit__(None, None, None)
-    return elapsed
+    def ref_set():
+        ref_float.enable_adapters()
+        ref_float.set_adapters(NAMES[:4], weights[0])
+        t0 = time.perf_counter()
+        ref_float.set_adapters(NAMES[:4], weights[1])
+        return (time.perf_counter() - t0) * 1000
+
+    def ref_fuse():
+        ref_float.set_adapters(NAMES[:4], weights[0])
+        ref_float.fuse_lora(adapter_names=NAMES[:4])
+        t0 = time.perf_counter()
+        ref_float.unfuse_lora()
+        ref_float.set_adapters(NAMES[:4], weights[1])
+        ref_float.fuse_lora(adapter_names=NAMES[:4])
+        elapsed = time.perf_counter() - t0
+        ref_float.unfuse_lora()
+        return elapsed * 1000
+
+    samples: dict[str, list[float]] = {"fused": [], "unfused": [], "set": [], "fuse": []}
+    for i in range(runs + 1):  # alternately; the first round is the warm-up
+        got = {"fused": ours_switch(mixer, "fused"), "unfused": ours_switch(mixer_nf4, "unfused"),
+               "set": ref_set(), "fuse": ref_fuse()}
+        for k, v in got.items():
+            if i:
+                samples[k].append(v)
+    med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    return [
+        Row("switch 4-adapter mix, float: ours fuse vs unfuse_lora+fuse_lora (ms)", med["fused"], med["fuse"], "ms",
+            0.5, machine),
+        Row("switch 4-adapter mix, float: ours fuse vs set_adapters (ms)", med["fused"], med["set"], "ms", 0.5,
+            machine, note="set_adapters only sets scales; each later step then computes every adapter"),
+        Row("switch 4-adapter mix, nf4: ours unfused vs set_adapters (ms)", med["unfused"], med["set"], "ms", 0.5,
+            machine),
+    ]
 
 
 def _adapter_names_hooks(unet, names):

@@ -1,7 +1,8 @@
 """Training step (rank 16, SD1.5 UNet, 32x32 latents, batch 1): time and peak memory, ours against
 a PEFT-injected diffusers UNet, on a float and on an NF4 base.
 
-Each variant runs in its own process, so its peak resident memory (Linux VmHWM, reset once the
+Times are taken in this process, ours and the reference's steps alternately. Peak memory is taken
+with each variant in its own process, so its peak resident memory (Linux VmHWM, reset once the
 model is built and quantized) is its own. Peak memory is counted from the process's size after
 imports: it holds the base, the adapter, activations, gradients and optimizer state. The NF4
 reference is what diffusers' bitsandbytes path gives (NF4 with double quantization on linear
@@ -12,41 +13,32 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 from contextlib import nullcontext
 
 import torch
 
-from .common import Row, median_time, peak_bytes, reset_peak, rss_bytes, sd15_unet
+from .common import Row, paired_times, peak_bytes, reset_peak, rss_bytes, sd15_unet
 
 
-def measure(impl: str, quant: str, targets: str, runs: int) -> dict:
-    import importlib
+def build(impl: str, quant: str, targets: str):
+    """(one training step as a callable, trainable parameter count)."""
+    from sdlora.inject import adapter_parameters
+    from sdlora.mixing import Mix
+    from sdlora.quant import quantize_model
 
-    for module in ("diffusers", "peft", "sdlora.quant", "sdlora.mixing"):  # both sides' imports, before the baseline
-        importlib.import_module(module)
-    baseline = rss_bytes()
+    from . import adapters
+
     unet = sd15_unet()
+    if quant == "nf4":
+        quantize_model(unet, "nf4", convs=impl == "ours")  # the reference: NF4 on linear layers, as diffusers
     if impl == "ours":
-        from sdlora.inject import adapter_parameters
-        from sdlora.mixing import Mix
-        from sdlora.quant import quantize_model
-
-        from . import adapters
-
-        if quant == "nf4":
-            quantize_model(unet, "nf4", convs=True)
         layers, mixer = adapters.ours(unet, targets, ["a"], std=0.0)
         params = adapter_parameters(layers, "a")
         context = lambda: mixer.apply(Mix({"a": 1.0}), mode="unfused")  # noqa: E731
     else:
-        from sdlora.quant import quantize_model
-
-        from . import adapters
-
-        if quant == "nf4":
-            quantize_model(unet, "nf4", convs=False)
         adapters.reference(unet, targets, ["a"], std=0.0)
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
         context = nullcontext
@@ -67,27 +59,50 @@ def measure(impl: str, quant: str, targets: str, runs: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step, sum(p.numel() for p in params)
+
+
+def peak_memory(impl: str, quant: str, targets: str) -> dict:
+    """In a fresh process: peak resident bytes above the size after imports, over two steps."""
+    import importlib
+
+    for module in ("diffusers", "peft", "sdlora.quant", "sdlora.mixing"):  # both sides' imports, before the baseline
+        importlib.import_module(module)
+    baseline = rss_bytes()
+    step, trainable = build(impl, quant, targets)
     gc.collect()
     reset_peak()
-    ms = median_time(step, runs=runs, warmup=1)
-    return {"ms": ms, "peak_bytes": peak_bytes() - baseline, "trainable": sum(p.numel() for p in params)}
+    step()
+    step()
+    return {"peak_bytes": peak_bytes() - baseline, "trainable": trainable}
+
+
+# glibc raises its mmap threshold after large frees, so the fp32 model a process builds before
+# quantizing it would stay resident as free heap and hide the quantized model's real size. A fixed
+# threshold (the same for both sides) hands every large freed block back to the system.
+_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def run(machine: str, runs: int = 5) -> list[Row]:
     rows = []
     for quant in ("none", "nf4"):
         for targets in ("attn", "linear"):
-            got = {}
+            mem = {}
             for impl in ("ours", "reference"):
-                proc = subprocess.run([sys.executable, "-m", "tests.bench.train_step", impl, quant, targets, str(runs)],
-                                      capture_output=True, text=True, check=True)
-                got[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+                proc = subprocess.run([sys.executable, "-m", "tests.bench.train_step", impl, quant, targets],
+                                      capture_output=True, text=True, check=True, env=_ENV)
+                mem[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert mem["ours"]["trainable"] == mem["reference"]["trainable"], mem
+            ours_step, _ = build("ours", quant, targets)
+            ref_step, _ = build("reference", quant, targets)
+            ours_ms, ref_ms = paired_times(ours_step, ref_step, runs)
+            del ours_step, ref_step
+            gc.collect()
             base = "float" if quant == "none" else "nf4"
-            assert got["ours"]["trainable"] == got["reference"]["trainable"], got
-            rows.append(Row(f"train step {base} base, {targets} (ms)", got["ours"]["ms"], got["reference"]["ms"], "ms",
-                            1.0, machine, note=f"{got['ours']['trainable'] / 1e6:.2f} M trainable parameters"))
-            rows.append(Row(f"train step {base} base, {targets} peak memory (MB)", got["ours"]["peak_bytes"] / 2**20,
-                            got["reference"]["peak_bytes"] / 2**20, "MB", 0.6 if quant == "nf4" else None, machine))
+            rows.append(Row(f"train step {base} base, {targets} (ms)", ours_ms, ref_ms, "ms", 1.0, machine,
+                            note=f"{mem['ours']['trainable'] / 1e6:.2f} M trainable parameters"))
+            rows.append(Row(f"train step {base} base, {targets} peak memory (MB)", mem["ours"]["peak_bytes"] / 2**20,
+                            mem["reference"]["peak_bytes"] / 2**20, "MB", 0.6 if quant == "nf4" else None, machine))
     return rows
 
 
@@ -96,6 +111,5 @@ if __name__ == "__main__":
     ap.add_argument("impl", choices=["ours", "reference"])
     ap.add_argument("quant", choices=["none", "nf4"])
     ap.add_argument("targets", choices=["attn", "linear"])
-    ap.add_argument("runs", type=int)
     a = ap.parse_args()
-    print(json.dumps(measure(a.impl, a.quant, a.targets, a.runs)))
+    print(json.dumps(peak_memory(a.impl, a.quant, a.targets)))
