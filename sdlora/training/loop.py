@@ -144,7 +144,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
     buckets = make_buckets(resolution, _bucket_step(pipe))
     item_buckets = [nearest_bucket(item.size, buckets) for item in items]
     latents_cache = _cache_latents(pipe, items, item_buckets)
-    train_items = [i for i in range(len(items)) if i not in set(held_out)]
+    train_items = sorted(set(range(len(items))) - set(held_out))
     sampler = BucketSampler([item_buckets[i] for i in train_items], cfg.batch_size, cfg.seed, cfg.repeats)
     texts = TextEmbeddings(pipe, trainable=cfg.text_encoder, device=accelerator.device)
     held_out_hidden = None
@@ -186,9 +186,10 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
         """Held-out loss and validation pictures (main process; the others wait)."""
         nonlocal held_out_hidden
         if main and held_out:
-            if held_out_hidden is None:  # captions as trained, without dropout or shuffling
-                held_out_hidden = texts([process_caption(items[i].caption, rng=random.Random(0), trigger=cfg.trigger)
-                                         for i in held_out]).detach()
+            if held_out_hidden is None or cfg.text_encoder:  # a trained encoder's outputs change: redo them
+                with torch.no_grad(), base.mixer.apply(mix, mode="unfused"):  # captions as trained, unshuffled
+                    held_out_hidden = texts([process_caption(items[i].caption, random.Random(0), cfg.trigger)
+                                             for i in held_out])
             value = validation_loss(base, cfg.name, [latents_cache[i][0] for i in held_out], held_out_hidden,
                                     noise_scheduler, scaling, cfg.seed)
             val_losses.append((at_step, value))

@@ -1,7 +1,7 @@
 """Shared pieces of `make bench`: timing, memory readings, the machine, result rows.
 
 Every time is the median of at least 5 runs after a warm-up; every ratio is ours / reference,
-both measured in the same process run, pair by pair."""
+both measured in the same run, pair by pair, alternately (paired_times)."""
 
 from __future__ import annotations
 
@@ -63,22 +63,6 @@ def versions() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
             "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
             "accelerate": accelerate.__version__, "python": platform.python_version()}
-
-
-def median_time(fn, runs: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() in milliseconds, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def paired_times(a, b, runs: int = 5, warmup: int = 2) -> tuple[float, float]:
