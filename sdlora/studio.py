@@ -7,6 +7,7 @@ Mixer applies it per call (a ContextVar), so requests never see each other's ada
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -200,8 +201,7 @@ class Studio:
         internal = self._ensure_loaded([x_name, y_name])
         for w in (*x_weights, *y_weights):
             self._weights(x_name, AdapterWeights(unet=w, text_encoder=w))
-        s = self.settings(clean, **{**settings, "num": 1})
-        s = GenerateSettings(**{**s.__dict__, "num": len(x_weights), "same_seed": True})
+        s = dataclasses.replace(self.settings(clean, **{**settings, "num": 1}), num=len(x_weights), same_seed=True)
         rows = []
         for wy in y_weights:
             mixes = [Mix({**base_mix.adapters, internal[x_name]: wx, internal[y_name]: wy}) for wx in x_weights]
@@ -272,8 +272,10 @@ class Studio:
             def run():
                 try:
                     result = train(cfg, progress=False, on_step=on_step, should_stop=job.stop_event.is_set)
-                    target = self.library.folder / f"{name}.safetensors"
-                    target.write_bytes(result.adapter.read_bytes())  # a new name, checked above
+                    # into the library atomically (a new name, checked above): copy aside, then rename
+                    tmp = self.library.folder / f".{name}.{uuid.uuid4().hex}.tmp"
+                    tmp.write_bytes(result.adapter.read_bytes())
+                    tmp.rename(self.library.folder / f"{name}.safetensors")
                     job.adapter = name
                     job.status = "stopped" if job.stop_event.is_set() else "done"
                 except Exception as err:  # the page shows it; the thread must not die silently
