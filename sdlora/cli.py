@@ -145,9 +145,11 @@ def cmd_webui(args) -> int:
     from .studio import Studio
 
     try:
-        from webui.app import launch_options, serve
+        from webui.app import parse_auth, serve
     except ImportError as err:
         raise SdloraError(f"the web UI is not importable ({err})", "run from the repository or reinstall sdlora") from err
+    if args.auth:
+        parse_auth(args.auth)  # before the base loads: a typo costs no waiting
     if args.host not in LOOPBACK and not args.auth:
         print(f"sdlora: warning: the page is reachable from other machines on {args.host} without a password; "
               "pass --auth USER:PASS", file=sys.stderr)
@@ -155,7 +157,6 @@ def cmd_webui(args) -> int:
     if args.quant != "none":
         base.quantize(args.quant)
     studio = Studio(base, AdapterLibrary(args.library), args.outputs, args.data_root, base_spec=args.base)
-    launch_options(studio, auth=args.auth)  # checks --auth before anything listens
     page = serve(studio, host=args.host, port=args.port, auth=args.auth, share=args.share)
     print(f"sdlora: serving {page.local_url} (library {studio.library.folder}, outputs {studio.outputs})",
           file=sys.stderr)

@@ -36,31 +36,47 @@ class AdapterLibrary:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._rows: dict[str, tuple[tuple[int, int], LibraryEntry]] = {}  # name -> ((mtime, size), row)
 
     def names(self) -> list[str]:
         return sorted(p.stem for p in self.folder.glob("*.safetensors") if p.is_file() and not p.is_symlink())
 
+    def paths(self, names: list[str]) -> dict[str, Path]:
+        """The files of listed adapters (one listing for all); any other name is refused."""
+        listed = set(self.names())
+        for name in names:
+            if not isinstance(name, str) or name not in listed:
+                raise SdloraError(f"no adapter named {name!r} in the library {self.folder}",
+                                  "choose one of the listed adapters")
+        return {name: self.folder / f"{name}.safetensors" for name in names}
+
     def path(self, name: str) -> Path:
         """The file of a listed adapter; anything else is refused by name."""
-        if not isinstance(name, str) or name not in self.names():
-            raise SdloraError(f"no adapter named {name!r} in the library {self.folder}",
-                              "choose one of the listed adapters")
-        return self.folder / f"{name}.safetensors"
+        return self.paths([name])[name]
 
     def entries(self) -> list[LibraryEntry]:
+        """One row per adapter. Reading a file means loading its tensors, and the page lists the library
+        on every load, so each row is kept until its file's size or time changes."""
         out = []
         for name in self.names():
             path = self.folder / f"{name}.safetensors"
-            try:
-                af = read_adapter_file(path)
-            except SdloraError:
-                out.append(LibraryEntry(name, "unreadable", "", "", "", "", round(path.stat().st_size / 1024, 1)))
-                continue
-            info = describe(af, str(path))
-            out.append(LibraryEntry(name, info["format"], info["method"], ",".join(map(str, info["ranks"])),
-                                    info["base_family"] or "?", ", ".join(info["trigger_words"]),
-                                    round(info["size_bytes"] / 1024, 1)))
+            st = path.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            if self._rows.get(name, (None,))[0] != key:
+                self._rows[name] = (key, self._entry(name, path))
+            out.append(self._rows[name][1])
         return out
+
+    @staticmethod
+    def _entry(name: str, path: Path) -> LibraryEntry:
+        try:
+            af = read_adapter_file(path)
+        except SdloraError:
+            return LibraryEntry(name, "unreadable", "", "", "", "", round(path.stat().st_size / 1024, 1))
+        info = describe(af, str(path))
+        return LibraryEntry(name, info["format"], info["method"], ",".join(map(str, info["ranks"])),
+                            info["base_family"] or "?", ", ".join(info["trigger_words"]),
+                            round(info["size_bytes"] / 1024, 1))
 
     def inspect(self, name: str) -> dict:
         path = self.path(name)

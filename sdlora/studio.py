@@ -110,18 +110,20 @@ class Studio:
     def _ensure_loaded(self, names: list[str]) -> dict[str, str]:
         from .adapter_io import load_adapter
 
-        paths = {n: self.library.path(n) for n in names}  # refuses names not in the listing
+        from .inject import remove_adapter
+
+        paths = self.library.paths(names)  # refuses names not in the listing
         with self._load_lock:
-            stale = [n for n, p in paths.items() if self._loaded.get(n, ("", None))[1] != p.stat().st_mtime]
+            mtimes = {n: p.stat().st_mtime for n, p in paths.items()}
+            stale = [n for n in names if self._loaded.get(n, ("", None))[1] != mtimes[n]]
             if stale:
                 with self.base.mixer.exclusive():  # no picture is being made while layers change
+                    layers = self.base.mixer.layers()
                     for n in stale:
                         internal = self._internal(n)
-                        for layer in self.base.mixer.layers().values():
-                            if internal in layer.adapters:
-                                layer.remove_adapter(internal)
+                        remove_adapter(layers, internal)  # a changed file replaces its earlier load
                         load_adapter(self.base, paths[n], internal)
-                        self._loaded[n] = (internal, paths[n].stat().st_mtime)
+                        self._loaded[n] = (internal, mtimes[n])
             return {n: self._loaded[n][0] for n in names}
 
     def _weights(self, name: str, w: AdapterWeights) -> AdapterWeights:

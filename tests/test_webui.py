@@ -264,7 +264,7 @@ def test_refused_requests(site):
     # uploads over the cap are refused before they are stored
     big = root / "big.png"
     big.write_bytes(os.urandom(2 * 2**20))
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="exceeds the maximum file size of 1048576 bytes"):
         client.predict([handle_file(str(big))], "too-big", api_name="/add_dataset")
     assert "too-big" not in site["studio"].datasets()
     assert site["page"]._queue.max_size == 16  # waiting requests are capped too
@@ -365,3 +365,18 @@ def test_the_webui_command_serves_locally_asks_for_auth_and_warns(tmp_path):
         proc.communicate(timeout=30)
     assert any("reachable from other machines on 0.0.0.0 without a password; pass --auth USER:PASS" in line
                for line in lines), lines
+
+
+def test_library_rows_are_read_once_per_file_version(tmp_path, monkeypatch):
+    from sdlora.library import AdapterLibrary
+    from sdlora.pipelines import load_base
+
+    lib = AdapterLibrary(tmp_path / "lib")
+    _make_adapter(load_base("embedded"), lib.folder / "x.safetensors", 1, "x")
+    reads = []
+    real = AdapterLibrary._entry
+    monkeypatch.setattr(AdapterLibrary, "_entry", staticmethod(lambda n, p: reads.append(n) or real(n, p)))
+    first = lib.entries()
+    assert lib.entries() == first and reads == ["x"]  # the second listing reads no file
+    (lib.folder / "x.safetensors").write_bytes(b"broken")  # a new version of the file is read again
+    assert lib.entries()[0].format == "unreadable" and reads == ["x", "x"]

@@ -276,6 +276,13 @@ class SameOriginOnly:
         await self.app(scope, receive, send)
 
 
+def parse_auth(auth: str) -> tuple[str, str]:
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise SdloraError("--auth must be USER:PASS", "pass e.g. --auth me:a-long-password")
+    return user, password
+
+
 def launch_options(studio: Studio, host: str = "127.0.0.1", port: int | None = None, auth: str | None = None,
                    share: bool = False) -> dict:
     """Blocks.launch arguments: local by default, only the library and output folders served, uploads
@@ -287,10 +294,7 @@ def launch_options(studio: Studio, host: str = "127.0.0.1", port: int | None = N
                    max_file_size=f"{studio.limits.max_upload_mb}mb", ssr_mode=False, show_error=True,
                    app_kwargs={"middleware": [Middleware(SameOriginOnly)]})
     if auth:
-        user, sep, password = auth.partition(":")
-        if not sep or not user or not password:
-            raise SdloraError("--auth must be USER:PASS", "pass e.g. --auth me:a-long-password")
-        options["auth"] = (user, password)
+        options["auth"] = parse_auth(auth)
     return options
 
 

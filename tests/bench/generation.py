@@ -69,7 +69,6 @@ def run(machine: str, runs: int = 5) -> list[Row]:
                         machine))
         rows.append(Row(f"generate float, {n} adapters: ours fused vs set_adapters (ms/step)", fused2, ref, "ms", None,
                         machine))
-    one = eight = None
     for n in COUNTS:
         _set_ref(ref_nf4, n)
         with mixer_nf4.apply(_mix(n), mode="unfused"):

@@ -2,47 +2,20 @@
 
     python -m tests.bench.profile_step [nf4|none] [attn|linear]
 
-Used to explain a missed time goal; prints the top operators of one step after a warm-up."""
+Used to explain a missed time goal; prints the top operators of one step (the same step
+train_step times) after a warm-up."""
 
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 
 import torch
 
-from .common import sd15_unet
+from .train_step import build
 
 
 def profile(impl: str, quant: str, targets: str, top: int = 12) -> str:
-    from sdlora.mixing import Mix
-    from sdlora.quant import quantize_model
-
-    from . import adapters
-
-    unet = sd15_unet()
-    if quant == "nf4":
-        quantize_model(unet, "nf4", convs=impl == "ours")
-    if impl == "ours":
-        _, mixer = adapters.ours(unet, targets, ["a"], std=0.0)
-        context = lambda: mixer.apply(Mix({"a": 1.0}), mode="unfused")  # noqa: E731
-        params = [p for n, p in unet.named_parameters() if ".adapters." in n]
-    else:
-        adapters.reference(unet, targets, ["a"], std=0.0)
-        context = nullcontext
-        params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    unet.train()
-    g = torch.Generator().manual_seed(0)
-    x, hidden = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 768, generator=g)
-
-    def step():
-        with context():
-            unet(x, torch.tensor([500]), hidden).sample.square().mean().backward()
-
+    step, _ = build(impl, quant, targets)
     step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
