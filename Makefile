@@ -7,18 +7,27 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 export GRADIO_ANALYTICS_ENABLED = False
 export HF_HUB_DISABLE_TELEMETRY = 1
+# The tested versions (pip constraints form; see requirements/lock.py). Installs into $(VENV) take exactly
+# these: PIP_CONSTRAINT rather than -c, because pip hands the environment to the isolated build of sdlora
+# itself, so the build backend (setuptools) is locked too.
+LOCK := requirements/lock.txt
+LOCKED := PIP_CONSTRAINT=$(CURDIR)/$(LOCK)
+# Unlocked installs must not inherit a constraint from the caller's environment.
+UNLOCKED := env -u PIP_CONSTRAINT
 
-.PHONY: demo test bench install samples embedded clean
+.PHONY: demo test test-latest lock bench install samples embedded clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e .
+	$(LOCKED) $(PIP) install -q --upgrade pip setuptools
+	$(LOCKED) $(PIP) install -q $(TORCH)
+	$(LOCKED) $(PIP) install -q -e .
+	$(PY) requirements/lock.py check
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -q -e ".[test]"
+	$(LOCKED) $(PIP) install -q -e ".[test]"
+	$(PY) requirements/lock.py check
 	touch $@
 
 install: $(VENV)/.installed
@@ -42,6 +51,29 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -rs tests
+
+# Drift found on purpose, not by a red CI: a fresh .venv-latest with the newest versions the registries
+# serve (no lock), the differences from the lock, then the whole suite there. May fail; not part of CI.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	$(UNLOCKED) .venv-latest/bin/python -m pip install -q --upgrade pip setuptools
+	$(UNLOCKED) .venv-latest/bin/python -m pip install -q $(TORCH)
+	$(UNLOCKED) .venv-latest/bin/python -m pip install -q -e ".[test]"
+	.venv-latest/bin/python requirements/lock.py drift
+	SDLORA_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -rs tests
+
+# Rewrite the lock from the newest versions the registries serve, less what requirements/hold.txt holds back
+# (run make test-latest first, make test after).
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	$(UNLOCKED) .venv-lock/bin/python -m pip install -q --upgrade pip setuptools
+	$(UNLOCKED) .venv-lock/bin/python -m pip install -q $(TORCH)
+	$(UNLOCKED) .venv-lock/bin/python -m pip install -q -e ".[test]" -c requirements/hold.txt
+	.venv-lock/bin/python -m pip freeze --all --exclude-editable > .venv-lock/freeze.txt
+	$(PYTHON) requirements/lock.py write .venv-lock/freeze.txt
+	rm -rf .venv-lock
 
 # Speed and memory against diffusers + PEFT, measured side by side (about 20 minutes on two cores):
 # a table on stdout and bench-results.json. Not part of make test: timings belong here.
