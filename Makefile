@@ -8,12 +8,13 @@ TORCH ?= torch==2.13.0
 export GRADIO_ANALYTICS_ENABLED = False
 export HF_HUB_DISABLE_TELEMETRY = 1
 # The tested versions (pip constraints form; see requirements/lock.py). Installs into $(VENV) take exactly
-# these: PIP_CONSTRAINT rather than -c, because pip hands the environment to the isolated build of sdlora
-# itself, so the build backend (setuptools) is locked too.
+# these, and so does pip's isolated build of sdlora itself (the build backend, setuptools): pip 25.3 and
+# later take build constraints only from --build-constraint / PIP_BUILD_CONSTRAINT, older pips from
+# PIP_CONSTRAINT; environment variables reach both the first (old) pip and the upgraded one.
 LOCK := requirements/lock.txt
-LOCKED := PIP_CONSTRAINT=$(CURDIR)/$(LOCK)
+LOCKED := PIP_CONSTRAINT=$(CURDIR)/$(LOCK) PIP_BUILD_CONSTRAINT=$(CURDIR)/$(LOCK)
 # Unlocked installs must not inherit a constraint from the caller's environment.
-UNLOCKED := env -u PIP_CONSTRAINT
+UNLOCKED := env -u PIP_CONSTRAINT -u PIP_BUILD_CONSTRAINT
 
 .PHONY: demo test test-latest lock bench install samples embedded clean
 
