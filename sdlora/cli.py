@@ -134,6 +134,47 @@ def cmd_train(args) -> int:
     return 0
 
 
+def parse_axis(spec: str) -> tuple[str, list[float]]:
+    """'mosaic=0,0.5,1' -> ('mosaic', [0.0, 0.5, 1.0])."""
+    name, sep, weights = spec.partition("=")
+    try:
+        values = [float(w) for w in weights.split(",")] if sep else []
+    except ValueError:
+        values = []
+    if not name or not values:
+        raise SdloraError(f"axis {spec!r} is not NAME=W,W,...", "pass e.g. --x mosaic=0,0.5,1 (a library name)")
+    return name, values
+
+
+def cmd_xy(args) -> int:
+    """The web page's X/Y grid from the command line: the same Studio call, one grid per prompt, stacked."""
+    import tempfile
+
+    from PIL import Image
+
+    from .generate import save_png
+    from .library import AdapterLibrary
+    from .pipelines import load_base
+    from .studio import Studio
+
+    if Path(args.out).suffix.lower() != ".png":
+        raise SdloraError(f"--out {args.out} must end in .png", "pass a file name like out/grid.png")
+    (x_name, x_weights), (y_name, y_weights) = parse_axis(args.x), parse_axis(args.y)
+    base = load_base(args.base, device=pick_device(args.device), config=args.base_config)
+    if args.quant != "none":
+        base.quantize(args.quant)
+    with tempfile.TemporaryDirectory() as tmp:
+        studio = Studio(base, AdapterLibrary(args.library), tmp)
+        grids = [Image.open(studio.xy_grid(prompt, [], x_name, x_weights, y_name, y_weights, seed=args.seed,
+                                           steps=args.steps, guidance=args.guidance)).convert("RGB")
+                 for prompt in args.prompts]
+    from .generate import labelled_grid
+
+    sheet = labelled_grid([[g] for g in grids], list(args.prompts), scale=1) if len(grids) > 1 else grids[0]
+    print(save_png(sheet, Path(args.out)))
+    return 0
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -268,6 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--data-root", default=None, metavar="DIR", help="folder whose subfolders are training datasets")
     add_base_flags(w)
     w.set_defaults(func=cmd_webui)
+
+    xy = sub.add_parser("xy", help="an X/Y grid of two library adapters' weights, as on the web page",
+                        description="Draw each PROMPT with adapter X's weights across and adapter Y's down (UNet and "
+                                    "text encoder alike), one seed, one batched pass per row: the web page's X/Y grid. "
+                                    "Several prompts give one grid each, stacked.")
+    xy.add_argument("prompts", nargs="+", metavar="PROMPT")
+    xy.add_argument("--library", required=True, metavar="DIR", help="the folder that holds both adapters")
+    xy.add_argument("--x", required=True, metavar="NAME=W,W,...", help="adapter across, e.g. mosaic=0,0.5,1")
+    xy.add_argument("--y", required=True, metavar="NAME=W,W,...", help="adapter down, e.g. neon=0,0.5,1")
+    xy.add_argument("--out", required=True, metavar="FILE.png")
+    xy.add_argument("--seed", type=int, default=0, help="the one seed of every cell (default 0)")
+    xy.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    xy.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    add_base_flags(xy)
+    xy.set_defaults(func=cmd_xy)
 
     i = sub.add_parser("inspect", help="show an adapter file's format, method, ranks, alphas, targets, metadata",
                        description="Read an adapter file (any supported layout) and describe it.")

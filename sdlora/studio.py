@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from .errors import SdloraError
 from .generate import Generated, GenerateSettings, generate, labelled_grid, save_png
 from .library import AdapterLibrary
@@ -190,16 +192,17 @@ class Studio:
         s = self.settings(clean, **settings)
         return self._save(generate(self.base, s, progress=False, mix=mix), described)
 
-    def xy_grid(self, prompt: str, slots: list[Slot], x_name: str, x_weights: list[float], y_name: str,
-                y_weights: list[float], **settings) -> Path:
+    def xy_cells(self, prompt: str, slots: list[Slot], x_name: str, x_weights: list[float], y_name: str,
+                 y_weights: list[float], **settings) -> list[list[Image.Image]]:
         """Adapter x_name's UNet/TE weight across, y_name's down, the other slots as set, one seed:
-        each row is one batched pass with a per-sample mix per column."""
+        rows[i][j] has y_weights[i] and x_weights[j]; each row is one batched pass with a per-sample
+        mix per column."""
         if not x_weights or not y_weights or len(x_weights) * len(y_weights) > self.limits.max_grid_cells:
             raise SdloraError(f"the grid needs 1 to {self.limits.max_grid_cells} cells", "give fewer weights")
         if x_name == y_name:
             raise SdloraError("the X and Y adapters are the same", "choose two different adapters")
         others = [s for s in slots if s.name not in (x_name, y_name)]
-        clean, base_mix, described = self.build_mix(prompt, others)
+        clean, base_mix, _ = self.build_mix(prompt, others)
         internal = self._ensure_loaded([x_name, y_name])
         for w in (*x_weights, *y_weights):
             self._weights(x_name, AdapterWeights(unet=w, text_encoder=w))
@@ -208,6 +211,12 @@ class Studio:
         for wy in y_weights:
             mixes = [Mix({**base_mix.adapters, internal[x_name]: wx, internal[y_name]: wy}) for wx in x_weights]
             rows.append([r.image for r in generate(self.base, s, progress=False, mix=mixes)])
+        return rows
+
+    def xy_grid(self, prompt: str, slots: list[Slot], x_name: str, x_weights: list[float], y_name: str,
+                y_weights: list[float], **settings) -> Path:
+        """xy_cells as one labelled picture, saved among the outputs."""
+        rows = self.xy_cells(prompt, slots, x_name, x_weights, y_name, y_weights, **settings)
         grid = labelled_grid(rows, [f"{y_name} {w:g}" for w in y_weights], [f"{x_name} {w:g}" for w in x_weights])
         return save_png(grid, self.outputs / time.strftime("%Y-%m-%d") / f"xy-{uuid.uuid4().hex[:8]}.png")
 

@@ -37,3 +37,25 @@ def tiny_sdxl_dir(tmp_path_factory):
     from tests.tiny_models import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def style_adapter(tmp_path_factory):
+    """style name -> an adapter trained on samples/styles/NAME by `sdlora train`'s DEFAULT settings, once
+    per session (the style tests and the mixing test share them)."""
+    from pathlib import Path
+
+    from sdlora.training.config import TrainConfig
+    from sdlora.training.loop import train
+
+    styles = Path(__file__).resolve().parents[1] / "samples" / "styles"
+    trained: dict[str, Path] = {}
+
+    def get(style: str) -> Path:
+        if style not in trained:
+            out = tmp_path_factory.mktemp(f"style-{style}")
+            cfg = TrainConfig(data_dir=str(styles / style), out_dir=str(out), name=style)
+            trained[style] = train(cfg, progress=False).adapter
+        return trained[style]
+
+    return get

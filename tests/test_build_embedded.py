@@ -38,7 +38,7 @@ def test_a_short_build_writes_a_loadable_base(tmp_path):
     out = tmp_path / "base"
     subprocess.run(
         [sys.executable, str(ROOT / "train_scripts" / "build_embedded_base.py"), "--out", str(out), "--images", "64",
-         "--vae-steps", "2", "--vae-batch", "4", "--unet-steps", "2", "--unet-batch", "4", "--save-every", "2"],
+         "--vae-steps", "2", "--vae-batch", "4", "--vae-images", "32", "--unet-steps", "2", "--unet-batch", "4", "--save-every", "2"],
         check=True, capture_output=True, timeout=600,
     )
     from sdlora.pipelines import load_base
@@ -46,4 +46,22 @@ def test_a_short_build_writes_a_loadable_base(tmp_path):
     base = load_base(str(out))
     assert base.family == "sd1" and base.native_size == 64
     summary = json.loads((out / "BUILD.json").read_text())
-    assert summary["steps_done"] == 2 and "colour_check" in summary
+    assert summary["steps_done"] == 2 and "colour_check" in summary and "binding_check" in summary
+    assert summary["vae_images"] == 32 and "vae_psnr_corpus_held_out" in summary
+
+
+def test_the_texture_corpus_is_seeded_and_never_draws_the_style_sets():
+    """The VAE must be able to carry any style without having seen the sample sets: the corpus comes from
+    its own generators, and no corpus picture equals a style-set picture."""
+    import numpy as np
+    from PIL import Image
+
+    from train_scripts import texture_corpus
+
+    a, b = texture_corpus.corpus(64, 0), texture_corpus.corpus(64, 0)
+    assert a.shape == (64, 64, 64, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(a, texture_corpus.corpus(64, 1))
+    styles = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((ROOT / "samples" / "styles").rglob("*.png"))])
+    nearest = np.abs(a[:, None].astype(np.int16) - styles[None].astype(np.int16)).mean(axis=(2, 3, 4)).min()
+    assert nearest > 1.0  # no corpus picture is (nearly) a style picture
+    assert "make_samples" not in (ROOT / "train_scripts" / "texture_corpus.py").read_text()

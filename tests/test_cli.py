@@ -164,3 +164,31 @@ def test_generate_compare_puts_the_plain_row_above_the_adapter_row(adapter_files
     assert not np.array_equal(pixels(tmp_path / "ab-00-00.png"), pixels(tmp_path / "ab-01-00.png"))
     proc = sdlora("generate", "a red circle", "--compare", "--out", str(tmp_path / "x.png"))
     assert proc.returncode == 2 and "give at least one --adapter" in proc.stderr
+
+
+def test_xy_draws_the_web_page_grid_for_each_prompt_and_refuses_a_bad_axis(tmp_path):
+    from sdlora.adapter_io import save_adapter
+    from sdlora.adapters import AdapterConfig
+    from sdlora.inject import adapter_layers
+    from sdlora.pipelines import load_base
+    from tests.core_helpers import randomize
+
+    library = tmp_path / "lib"
+    for seed, name in enumerate(("a", "b")):
+        base = load_base("embedded")
+        base.add_adapter(name, AdapterConfig(rank=2, seed=seed), targets="attn")
+        randomize(adapter_layers(base.pipe.unet), name, seed, std=0.1)
+        save_adapter(base, name, library / f"{name}.safetensors", "kohya")
+    out = tmp_path / "grid.png"
+    proc = sdlora("xy", "a red circle", "a blue square", "--library", str(library), "--x", "a=0,1", "--y", "b=0,0.5,1",
+                  "--steps", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    one = tmp_path / "one.png"
+    assert sdlora("xy", "a red circle", "--library", str(library), "--x", "a=0,1", "--y", "b=0,0.5,1", "--steps", "2",
+                  "--out", str(one)).returncode == 0
+    grid, single = Image.open(out), Image.open(one)
+    assert grid.height > 2 * single.height - 20 and grid.width > single.width  # two grids stacked, labelled
+    proc = sdlora("xy", "a red circle", "--library", str(library), "--x", "a:0,1", "--y", "b=1", "--out", str(one))
+    assert proc.returncode == 2 and "axis 'a:0,1' is not NAME=W,W,..." in proc.stderr
+    proc = sdlora("xy", "a red circle", "--library", str(library), "--x", "zz=0,1", "--y", "b=1", "--out", str(one))
+    assert proc.returncode == 2 and "no adapter named 'zz'" in proc.stderr

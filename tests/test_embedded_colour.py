@@ -5,7 +5,7 @@ import random
 import pytest
 
 from sdlora.generate import GenerateSettings, generate
-from train_scripts.shapes import COLORS, dominant_foreground_color, draw_scene, foreground_color_shares, random_scene
+from train_scripts.shapes import COLORS, background_name, dominant_foreground_color, draw_scene, foreground_color_shares, random_scene
 
 
 def test_the_measure_itself_finds_the_drawn_colour():
@@ -25,3 +25,9 @@ def test_named_colour_dominates_in_8_of_10_seeds(embedded, colour, prompt):
     results = generate(embedded, GenerateSettings(prompts=(prompt,), seed=0, num=10, steps=20), progress=False)
     found = [dominant_foreground_color(r.image) for r in results]
     assert sum(f == colour for f in found) >= 8, f"{prompt}: dominant colours by seed 0..9: {found}"
+
+
+def test_the_background_measure_on_ground_truth():
+    rng = random.Random(321)
+    scenes = [random_scene(rng, p_background=1.0) for _ in range(100)]
+    assert all(background_name(draw_scene(s)) == s.background for s in scenes)

@@ -21,7 +21,7 @@ def outputs(base, name=None, unet_hidden=None, mix=None):
     (or with `mix`)."""
     g = torch.Generator().manual_seed(0)
     unet = base.pipe.unet
-    sample = torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size, generator=g)
+    sample = torch.randn(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=g)
     ids = base.pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     kwargs = {}
     if base.family == "sdxl":
@@ -142,7 +142,7 @@ def test_a_file_saved_by_diffusers_after_peft_training_loads_with_the_same_outpu
         g = torch.Generator().manual_seed(1)
         ids = pipe.tokenizer(["a blue square"], padding="max_length", max_length=77, return_tensors="pt").input_ids
         h = pipe.text_encoder(ids)[0]
-        loss = pipe.unet(torch.randn(1, 4, 16, 16, generator=g), 300, h).sample.pow(2).mean()
+        loss = pipe.unet(torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=g), 300, h).sample.pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -21,7 +21,7 @@ def unet_inputs(base):
     if base.family == "sdxl":
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 32, generator=g),
                                        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
-    return torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500]), hidden, kwargs
+    return torch.randn(1, unet.config.in_channels, 16, 16, generator=g), torch.tensor([500]), hidden, kwargs
 
 
 def test_presets_grow_and_cover_the_named_layers(tiny_sd1_dir):

@@ -158,6 +158,18 @@ def foreground_color_shares(img: Image.Image, border: int = 3, min_distance: flo
     return {n: float(c) / len(fg) for n, c in zip(names, counts)}
 
 
+def background_name(img: Image.Image, border: int = 3) -> str:
+    """The named background nearest to the median colour of the picture's `border`-pixel frame."""
+    import numpy as np
+
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    frame = np.concatenate(
+        [rgb[:border].reshape(-1, 3), rgb[-border:].reshape(-1, 3), rgb[:, :border].reshape(-1, 3), rgb[:, -border:].reshape(-1, 3)]
+    )
+    median = np.median(frame, axis=0)
+    return min(BACKGROUNDS, key=lambda n: float(np.linalg.norm(median - np.array(BACKGROUNDS[n], np.float32))))
+
+
 def dominant_foreground_color(img: Image.Image) -> str | None:
     shares = foreground_color_shares(img)
     return max(shares, key=shares.get) if shares else None
