@@ -1,0 +1,11 @@
+"""Which embedded base ships: tests written for the v2 base of issue 13 wait for it."""
+
+import json
+from pathlib import Path
+
+BUILD = Path(__file__).resolve().parents[1] / "samples" / "embedded" / "BUILD.json"
+
+
+def base_v2() -> bool:
+    """samples/embedded is the v2 base: 8 latent channels from the texture-corpus VAE."""
+    return json.loads(BUILD.read_text()).get("latent_channels") == 8
