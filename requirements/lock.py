@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -53,9 +54,13 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    """{canonical name: public version} of every distribution this interpreter sees."""
+    """{canonical name: public version} of every distribution installed into this interpreter's site-packages.
+
+    Only there: once setuptools is imported (pytest's plugins do) its vendored copies of jaraco.*, autocommand
+    and others are on sys.path with their own .dist-info folders, but nobody installed them."""
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     found = {}
-    for dist in metadata.distributions():
+    for dist in metadata.distributions(path=paths):
         name = dist.metadata["Name"]
         if name:
             found[canonical(name)] = public(dist.version)

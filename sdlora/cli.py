@@ -152,7 +152,7 @@ def cmd_xy(args) -> int:
 
     from PIL import Image
 
-    from .generate import save_png
+    from .generate import labelled_grid, save_png
     from .library import AdapterLibrary
     from .pipelines import load_base
     from .studio import Studio
@@ -168,8 +168,6 @@ def cmd_xy(args) -> int:
         grids = [Image.open(studio.xy_grid(prompt, [], x_name, x_weights, y_name, y_weights, seed=args.seed,
                                            steps=args.steps, guidance=args.guidance)).convert("RGB")
                  for prompt in args.prompts]
-    from .generate import labelled_grid
-
     sheet = labelled_grid([[g] for g in grids], list(args.prompts), scale=1) if len(grids) > 1 else grids[0]
     print(save_png(sheet, Path(args.out)))
     return 0
