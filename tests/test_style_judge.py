@@ -15,6 +15,7 @@ from train_scripts.shapes import draw_scene, random_scene
 
 from .style_judge import STYLES, STYLES_DIR, default_judge, object_colour, overlap, plain_references
 
+
 def _held_out(style: str, n: int = 40) -> list[Image.Image]:
     rng = random.Random(f"judge-held-out-{style}")
     return [STYLE_MAKERS[style](random_scene(rng, p_background=0.0 if style == "neon" else 0.35), rng) for _ in range(n)]
