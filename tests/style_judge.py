@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train_scripts.shapes import draw_scene, random_scene
+from train_scripts.shapes import draw_scene, foreground_mask, random_scene
 
 STYLES_DIR = Path(__file__).resolve().parents[1] / "samples" / "styles"
 STYLES = ("stripes", "dots", "mosaic", "neon")
@@ -107,10 +107,6 @@ class StyleJudge:
         """(N, F) standardised features -> (N, C) distances, each in its class's own spread."""
         return np.linalg.norm((z[:, None, :] - self.centroids[None]) / self.spread[None], axis=2) / np.sqrt(z.shape[1])
 
-    def distances(self, img: Image.Image) -> dict[str, float]:
-        d = self._distances(((features(img) - self.mean) / self.std)[None])[0]
-        return dict(zip(self.labels, d.round(2).tolist()))
-
     def judge(self, img: Image.Image) -> str:
         z = (features(img) - self.mean) / self.std
         d = self._distances(z[None])[0]
@@ -142,10 +138,7 @@ def object_mask(img: Image.Image, border: int = 3, min_distance: float = 70.0) -
     filled (white dots, a neon outline's dark inside)."""
     from scipy import ndimage
 
-    rgb = np.asarray(img.convert("RGB"), np.float32)
-    frame = np.concatenate([rgb[:border].reshape(-1, 3), rgb[-border:].reshape(-1, 3),
-                            rgb[:, :border].reshape(-1, 3), rgb[:, -border:].reshape(-1, 3)])
-    far = np.linalg.norm(rgb - np.median(frame, axis=0), axis=-1) > min_distance
+    far = foreground_mask(img, border, min_distance)
     hsv = _hsv(img)
     mask = far & (hsv[..., 1] > 90) & (hsv[..., 2] > 60)
     mask = ndimage.binary_closing(mask, structure=np.ones((5, 5)), border_value=0)

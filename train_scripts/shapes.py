@@ -127,16 +127,24 @@ def shape_mask(scene: Scene, px: int) -> Image.Image:
     return mask
 
 
-def foreground_mask(img: Image.Image, border: int = 3, min_distance: float = 70.0):
-    """(H, W) bool: pixels farther than `min_distance` (RGB, of 441 possible) from the background,
-    which is the median colour of a `border`-pixel frame."""
+def frame_colour(img: Image.Image, border: int = 3):
+    """(3,) float32: the median colour of the picture's `border`-pixel frame, taken as its ground."""
     import numpy as np
 
     rgb = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     frame = np.concatenate(
         [rgb[:border].reshape(-1, 3), rgb[-border:].reshape(-1, 3), rgb[:, :border].reshape(-1, 3), rgb[:, -border:].reshape(-1, 3)]
     )
-    return np.linalg.norm(rgb - np.median(frame, axis=0), axis=-1) > min_distance
+    return np.median(frame, axis=0)
+
+
+def foreground_mask(img: Image.Image, border: int = 3, min_distance: float = 70.0):
+    """(H, W) bool: pixels farther than `min_distance` (RGB, of 441 possible) from the background,
+    which is the median colour of a `border`-pixel frame."""
+    import numpy as np
+
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    return np.linalg.norm(rgb - frame_colour(img, border), axis=-1) > min_distance
 
 
 def foreground_color_shares(img: Image.Image, border: int = 3, min_distance: float = 70.0) -> dict[str, float]:
@@ -162,11 +170,7 @@ def background_name(img: Image.Image, border: int = 3) -> str:
     """The named background nearest to the median colour of the picture's `border`-pixel frame."""
     import numpy as np
 
-    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    frame = np.concatenate(
-        [rgb[:border].reshape(-1, 3), rgb[-border:].reshape(-1, 3), rgb[:, :border].reshape(-1, 3), rgb[:, -border:].reshape(-1, 3)]
-    )
-    median = np.median(frame, axis=0)
+    median = frame_colour(img, border)
     return min(BACKGROUNDS, key=lambda n: float(np.linalg.norm(median - np.array(BACKGROUNDS[n], np.float32))))
 
 
