@@ -7,5 +7,5 @@ BUILD = Path(__file__).resolve().parents[1] / "samples" / "embedded" / "BUILD.js
 
 
 def base_v2() -> bool:
-    """samples/embedded is the v2 base: 8 latent channels from the texture-corpus VAE."""
-    return json.loads(BUILD.read_text()).get("latent_channels") == 8
+    """samples/embedded is the v2 base (texture-corpus VAE); BUILD.json of v1 has no base_version."""
+    return json.loads(BUILD.read_text()).get("base_version", 1) >= 2
