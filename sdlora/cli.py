@@ -207,6 +207,8 @@ def cmd_webui(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training.config import TrainConfig  # light (dataclasses, tomllib): the train flags show its defaults
+
     parser = argparse.ArgumentParser(
         prog="sdlora", description="Train, mix and export LoRA-family adapters for Stable Diffusion.",
     )
@@ -250,13 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--base", default=None, help=f"the base model: {BASE_HELP}")
     t.add_argument("--name", default=None, help="adapter name (default 'adapter')")
     t.add_argument("--method", choices=["lora", "dora", "vera"], default=None)
-    t.add_argument("--rank", type=int, default=None)
+    t.add_argument("--rank", type=int, default=None, help=f"adapter rank (default {TrainConfig.rank})")
     t.add_argument("--alpha", type=float, default=None)
-    t.add_argument("--targets", choices=["attn", "linear", "all"], default=None)
+    t.add_argument("--targets", choices=["attn", "linear", "all"], default=None,
+                   help=f"UNet layers: attention projections, every transformer linear, or those plus the ResNet "
+                        f"and sampler convolutions (default {TrainConfig.targets})")
     t.add_argument("--text-encoder", action="store_true", default=None, help="train adapters on the text encoder too")
     t.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default=None, help="the frozen base (default nf4)")
-    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
-    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {TrainConfig.steps})")
+    t.add_argument("--lr", type=float, default=None, help=f"learning rate (default {TrainConfig.lr:g})")
     t.add_argument("--loraplus-ratio", type=float, default=None, help="B's learning rate over A's (LoRA+)")
     t.add_argument("--resolution", type=int, default=None, help="bucket area side (default: the base's native size)")
     t.add_argument("--batch-size", type=int, default=None, help="global batch, split across processes (default 4)")

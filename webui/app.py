@@ -16,6 +16,7 @@ from sdlora.errors import SdloraError
 from sdlora.library import LibraryEntry
 from sdlora.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdlora.studio import Slot, Studio
+from sdlora.training.config import TrainConfig
 
 SLOTS = 4  # rows in the adapter mixer; <lora:name:w> tags in the prompt add more
 SLOT_FIELDS = 6  # name, UNet weight, text-encoder weight, on, block weights, step range
@@ -110,12 +111,13 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Row():
                 t_name = gr.Textbox(label="Adapter name", value="my-style")
                 t_method = gr.Radio(["lora", "dora", "vera"], value="lora", label="Method")
-                t_rank = gr.Slider(1, 128, value=8, step=1, label="Rank")
-                t_steps = gr.Slider(1, 5000, value=300, step=1, label="Steps")
-                t_lr = gr.Number(1e-3, label="Learning rate")
+                # The defaults of `sdlora train` (TrainConfig), so the page and the CLI train alike.
+                t_rank = gr.Slider(1, 128, value=TrainConfig.rank, step=1, label="Rank")
+                t_steps = gr.Slider(1, 5000, value=TrainConfig.steps, step=1, label="Steps")
+                t_lr = gr.Number(TrainConfig.lr, label="Learning rate")
             with gr.Row():
                 t_trigger = gr.Textbox(label="Trigger word (optional)")
-                t_quant = gr.Radio(["nf4", "int8", "none"], value="nf4", label="Base quantization")
+                t_quant = gr.Radio(["nf4", "int8", "none"], value=TrainConfig.quant, label="Base quantization")
                 t_prompt = gr.Textbox(label="Validation prompt (optional)")
             with gr.Row():
                 t_start = gr.Button("Start training", variant="primary")
