@@ -92,6 +92,23 @@ class Base:
                                    "text_encoder": text_encoder}
         return total
 
+    def remove_adapter(self, name: str) -> int:
+        """Take adapter `name` off every layer of every model and out of `adapter_info`, together, so the
+        name can be loaded again (a changed file, a retrained adapter). Returns the number of layers."""
+        from .inject import adapter_layers
+
+        if name not in self.adapter_info:
+            raise SdloraError(f"no adapter named '{name}' is loaded",
+                              f"loaded: {', '.join(self.adapter_info) or 'none'}")
+        count = 0
+        for model in self.models().values():
+            for layer in adapter_layers(model).values():
+                if name in layer.adapters:
+                    layer.remove_adapter(name)
+                    count += 1
+        del self.adapter_info[name]
+        return count
+
 
 def embedded_path() -> Path:
     """The embedded base's folder: $SDLORA_EMBEDDED, else samples/embedded beside the package."""

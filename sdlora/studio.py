@@ -112,18 +112,16 @@ class Studio:
     def _ensure_loaded(self, names: list[str]) -> dict[str, str]:
         from .adapter_io import load_adapter
 
-        from .inject import remove_adapter
-
         paths = self.library.paths(names)  # refuses names not in the listing
         with self._load_lock:
             mtimes = {n: p.stat().st_mtime for n, p in paths.items()}
             stale = [n for n in names if self._loaded.get(n, ("", None))[1] != mtimes[n]]
             if stale:
                 with self.base.mixer.exclusive():  # no picture is being made while layers change
-                    layers = self.base.mixer.layers()
                     for n in stale:
                         internal = self._internal(n)
-                        remove_adapter(layers, internal)  # a changed file replaces its earlier load
+                        if internal in self.base.adapter_info:  # a changed file replaces its earlier load
+                            self.base.remove_adapter(internal)
                         load_adapter(self.base, paths[n], internal)
                         self._loaded[n] = (internal, mtimes[n])
             return {n: self._loaded[n][0] for n in names}

@@ -156,6 +156,51 @@ def test_xy_grid_cells_equal_single_pictures(site):
         assert diff.max() <= 1, diff.max()
 
 
+def test_a_library_file_changed_after_use_gives_the_new_file_pictures(tmp_path):
+    """The page loads a library file once and keeps it; a file rewritten later (retrained, replaced) must
+    be loaded again under the same name, with nothing of the old one left in the layers or the record."""
+    import os
+
+    from sdlora.library import AdapterLibrary
+    from sdlora.pipelines import load_base
+    from sdlora.studio import Slot, Studio
+
+    def picture(studio):
+        path, _ = studio.generate("a red circle", [Slot("style", 1.0, 1.0)], seed=3, steps=6, scheduler="euler")[0]
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    library = tmp_path / "library"
+    maker = load_base("embedded")
+    _make_adapter(maker, library / "style.safetensors", 1, "stylea")
+    studio = Studio(load_base("embedded"), AdapterLibrary(library), tmp_path / "out")
+    old = picture(studio)
+    maker.remove_adapter("style")
+    _make_adapter(maker, library / "style.safetensors", 2, "styleb")
+    later = os.stat(library / "style.safetensors").st_mtime + 10
+    os.utime(library / "style.safetensors", (later, later))  # a file system with coarse mtimes still sees a change
+    new = picture(studio)
+    fresh = picture(Studio(load_base("embedded"), AdapterLibrary(library), tmp_path / "out-fresh"))
+    assert np.array_equal(new, fresh) and not np.array_equal(new, old)
+    assert len(studio.base.adapter_info) == 1 and len(studio.base.mixer.loaded()) == 1
+
+
+def test_removing_an_adapter_clears_layers_and_record_so_the_name_loads_again(tmp_path):
+    from sdlora.adapter_io import load_adapter
+    from sdlora.pipelines import load_base
+
+    maker = load_base("embedded")
+    path = _make_adapter(maker, tmp_path / "style.safetensors", 1, "stylea")
+    base = load_base("embedded")
+    layers = load_adapter(base, path, "style").layers
+    with pytest.raises(SdloraError, match="already loaded"):
+        load_adapter(base, path, "style")
+    assert base.remove_adapter("style") == layers
+    assert "style" not in base.adapter_info and "style" not in base.mixer.loaded()
+    with pytest.raises(SdloraError, match="no adapter named 'style' is loaded"):
+        base.remove_adapter("style")
+    assert load_adapter(base, path, "style").layers == layers
+
+
 def test_export_merge_rename_delete(site):
     client, lib = site["client"], site["studio"].library
     assert "exported as style-a-kohya" in client.predict("style-a", "kohya", api_name="/export")
