@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from .atomic import atomic_file
 from .errors import SdloraError
 from .pipelines import Base
 from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
@@ -191,17 +190,8 @@ def labelled_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labe
 def save_png(image: Image.Image, path: Path, pnginfo: PngInfo | None = None) -> Path:
     """Write a PNG atomically: a temporary file beside the target, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name opened exclusively (not mkstemp, whose 0600 would outlive the rename): the
-    # picture gets the permissions the user's umask gives any new file.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            image.save(f, format="PNG", pnginfo=pnginfo)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        image.save(f, format="PNG", pnginfo=pnginfo)
     return path
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .adapter_io import check_name, describe, read_adapter_file, write_adapter_file
+from .atomic import is_temporary
 from .errors import SdloraError
 
 
@@ -39,7 +40,8 @@ class AdapterLibrary:
         self._rows: dict[str, tuple[tuple[int, int], LibraryEntry]] = {}  # name -> ((mtime, size), row)
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.folder.glob("*.safetensors") if p.is_file() and not p.is_symlink())
+        return sorted(p.stem for p in self.folder.glob("*.safetensors")
+                      if p.is_file() and not p.is_symlink() and not is_temporary(p))
 
     def paths(self, names: list[str]) -> dict[str, Path]:
         """The files of listed adapters (one listing for all); any other name is refused."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .atomic import atomic_file, atomic_folder, is_temporary
 from .errors import SdloraError
 from .generate import Generated, GenerateSettings, generate, labelled_grid, save_png
 from .library import AdapterLibrary
@@ -222,7 +223,8 @@ class Studio:
     def datasets(self) -> list[str]:
         if not self.data_root or not self.data_root.is_dir():
             return []
-        return sorted(p.name for p in self.data_root.iterdir() if p.is_dir() and not p.is_symlink())
+        return sorted(p.name for p in self.data_root.iterdir()
+                      if p.is_dir() and not p.is_symlink() and not is_temporary(p))
 
     def dataset_path(self, name: str) -> Path:
         if name not in self.datasets():
@@ -248,11 +250,9 @@ class Studio:
         kept = [f for f in files if f.suffix.lower() in (*IMAGE_EXTS, ".txt")]
         if not any(f.suffix.lower() in IMAGE_EXTS for f in kept):
             raise SdloraError("the upload holds no pictures", "upload .png, .jpg or .webp files with .txt captions")
-        tmp = self.data_root / f".{name}.{uuid.uuid4().hex}.tmp"
-        tmp.mkdir(parents=True)
-        for f in kept:
-            (tmp / Path(f.name).name).write_bytes(f.read_bytes())
-        tmp.rename(self.data_root / name)
+        with atomic_folder(self.data_root / name) as tmp:  # a failed copy leaves no half dataset
+            for f in kept:
+                (tmp / Path(f.name).name).write_bytes(f.read_bytes())
         return name
 
     def start_training(self, dataset: str, name: str, **options) -> TrainJob:
@@ -281,10 +281,9 @@ class Studio:
             def run():
                 try:
                     result = train(cfg, progress=False, on_step=on_step, should_stop=job.stop_event.is_set)
-                    # into the library atomically (a new name, checked above): copy aside, then rename
-                    tmp = self.library.folder / f".{name}.{uuid.uuid4().hex}.tmp"
-                    tmp.write_bytes(result.adapter.read_bytes())
-                    tmp.rename(self.library.folder / f"{name}.safetensors")
+                    # into the library atomically (a new name, checked above)
+                    with atomic_file(self.library.folder / f"{name}.safetensors") as f:
+                        f.write(result.adapter.read_bytes())
                     job.adapter = name
                     job.status = "stopped" if job.stop_event.is_set() else "done"
                 except Exception as err:  # the page shows it; the thread must not die silently

@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_scripts.shapes import (  # noqa: E402
     VOCAB_WORDS, background_name, draw_scene, dominant_foreground_color, random_scene)
 from train_scripts.texture_corpus import corpus  # noqa: E402
+from sdlora.atomic import atomic_folder  # noqa: E402
 
 PX = 64  # picture side
 LATENT_PX = 16  # VAE factor 4: three encoder blocks; 8 latent channels (see --latent-channels)
@@ -218,18 +216,10 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, summary: dict):
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    write_classic_tokenizer_files(tokenizer, tmp / "tokenizer")
-    (tmp / "BUILD.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700; the folder is meant to be shared
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(out, replace=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_classic_tokenizer_files(tokenizer, tmp / "tokenizer")
+        (tmp / "BUILD.json").write_text(json.dumps(summary, indent=2) + "\n")
     return pipe
 
 

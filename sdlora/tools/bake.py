@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 
+from ..atomic import atomic_folder
 from ..errors import SdloraError
 from ..inject import adapter_layers, unwrap
 from ..quant import is_quantized
@@ -37,16 +35,9 @@ def bake(base, mix, out_dir: str | Path) -> BakeReport:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise SdloraError(f"{out} exists and is not empty", "pass a new folder to --out")
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     quantized = any(is_quantized(layer.base_layer) for layer in base.mixer.layers().values()) or base.quant
-    try:
+    with atomic_folder(out) as tmp:
         layers, err = (_bake_quantized if quantized else _bake_float)(base, mix, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
     return BakeReport(out, layers, err)
 
 

@@ -10,13 +10,12 @@ that, so a crash at any moment leaves the last complete one intact.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_folder
 from ..errors import SdloraError
 
 MARKER = "COMPLETE"
@@ -55,9 +54,7 @@ def save_checkpoint(folder: Path, step: int, adapter: dict[str, torch.Tensor], o
 
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
-    tmp = folder / f".step-{step:08d}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
-    try:
+    with atomic_folder(final, replace=True) as tmp:
         opt_tensors: dict = {}
         opt_meta = _split(optimizer.state_dict(), "optimizer", opt_tensors)
         tensors = {f"adapter/{k}": v.detach().cpu().contiguous() for k, v in adapter.items()}
@@ -70,12 +67,6 @@ def save_checkpoint(folder: Path, step: int, adapter: dict[str, torch.Tensor], o
                  **history}
         (tmp / "state.json").write_text(json.dumps(state))
         (tmp / MARKER).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     complete = sorted(p for p in folder.glob("step-*") if (p / MARKER).is_file())
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
