@@ -162,7 +162,7 @@ def _check_against_base(af: AdapterFile, base, path: str) -> list[tuple[str, str
         try:
             module = models[role].get_submodule(mpath)
             geom = module.geometry if isinstance(module, AdapterLayer) else geometry_of(module)
-        except (AttributeError, TypeError, ValueError):
+        except (AttributeError, SdloraError):
             continue  # no such module, or not a layer an adapter can sit on: reported as unknown below
         if m.dense is not None:
             if tuple(m.dense.shape) != geom.weight_shape:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from .errors import SdloraError
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdlora", description="Train, mix and export LoRA-family adapters for Stable Diffusion.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     g = sub.add_parser(
@@ -527,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SdloraError as err:
+        if args.debug:  # the one line is for users; the traceback is for whoever debugs sdlora
+            traceback.print_exc()
         print(f"sdlora: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -215,7 +215,9 @@ def make_optimizer(name: str, groups: list[dict], device: torch.device):
         bnb = _bnb()
         cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
         return cls(groups)
-    except Exception as err:  # a bitsandbytes build without optimizer kernels for this device
+    # What a bitsandbytes build that cannot run this optimizer here raises (missing, too old, no kernels);
+    # anything else (bad parameter groups, a bug) is not ours to hide.
+    except (ImportError, AttributeError, RuntimeError, NotImplementedError) as err:
         warnings.warn(f"{name} is unavailable here ({type(err).__name__}: {err}); using torch AdamW", stacklevel=2)
         return torch.optim.AdamW(groups)
 
@@ -275,10 +277,12 @@ def _float_param_count(model: nn.Module) -> int:
     return n
 
 
-def quantize_model(model: nn.Module, mode: str = "nf4", *, double_quant: bool = True, convs: bool = False,
+def quantize_model(model: nn.Module, mode: str = "nf4", *, double_quant: bool = True, convs: bool = True,
                    compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    min_features: int = 16) -> QuantReport:
-    """Replace the model's Linear layers (and, with convs=True, its Conv2d layers, in NF4) in place.
+    """Replace the model's Linear layers (and, with convs=True, the default as in Base.quantize, its
+    Conv2d layers) in place. bitsandbytes has no int8 convolution: with mode int8 the convolutions are
+    quantized in NF4, and a warning says so.
 
     Layers narrower than `min_features` stay float: their blocks would be mostly padding. The
     model must not hold adapters yet (quantize the base, then inject) nor be quantized already.
@@ -297,6 +301,11 @@ def quantize_model(model: nn.Module, mode: str = "nf4", *, double_quant: bool = 
     n_lin = n_conv = 0
     targets = [(name, m) for name, m in model.named_modules()
                if (type(m) is nn.Linear or (convs and type(m) is nn.Conv2d))]
+    if mode == "int8" and any(isinstance(m, nn.Conv2d) for _, m in targets):
+        import warnings
+
+        warnings.warn("int8 has no convolution kernel in bitsandbytes: the convolutions are quantized in NF4 "
+                      "(quantize with convs=False to keep them float)", stacklevel=2)
     for name, m in targets:
         small = (m.in_features if isinstance(m, nn.Linear) else m.in_channels) < min_features
         if small:

@@ -192,3 +192,10 @@ def test_xy_draws_the_web_page_grid_for_each_prompt_and_refuses_a_bad_axis(tmp_p
     assert proc.returncode == 2 and "axis 'a:0,1' is not NAME=W,W,..." in proc.stderr
     proc = sdlora("xy", "a red circle", "--library", str(library), "--x", "zz=0,1", "--y", "b=1", "--out", str(one))
     assert proc.returncode == 2 and "no adapter named 'zz'" in proc.stderr
+
+
+def test_debug_shows_the_traceback_behind_the_one_line(tmp_path):
+    out = tmp_path / "x.png"
+    proc = sdlora("--debug", "generate", "a red circle", "--out", str(out), "--size", "65x64")
+    assert proc.returncode == 2 and "Traceback (most recent call last)" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("sdlora: error: width 65 is not a multiple of 8")

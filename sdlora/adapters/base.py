@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import SdloraError
 from .functional import apply_down, apply_up
+
+
+def check_rank(rank: int) -> None:
+    """Before any alpha / rank is computed from it."""
+    if rank < 1:
+        raise SdloraError(f"rank must be at least 1, got {rank}", "pass a rank of 1 or more")
 
 
 @dataclass(frozen=True)
@@ -50,8 +57,7 @@ class Adapter(nn.Module):
 
     def __init__(self, geometry: BaseGeometry, rank: int, scale: float, dropout: float = 0.0):
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be at least 1, got {rank}")
+        check_rank(rank)
         self.geometry = geometry
         self.rank = rank
         self.scale = float(scale)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SdloraError
 from .base import Adapter, BaseGeometry
 
 
@@ -16,12 +17,13 @@ class DeltaAdapter(Adapter):
 
     def __init__(self, geometry: BaseGeometry, delta: torch.Tensor):
         if tuple(delta.shape) != geometry.weight_shape:
-            raise ValueError(f"delta {tuple(delta.shape)} does not fit a layer of {geometry.weight_shape}")
+            raise SdloraError(f"a delta of {tuple(delta.shape)} does not fit a layer of {geometry.weight_shape}",
+                              "the adapter was made for another base")
         super().__init__(geometry, rank=min(geometry.out_features, geometry.in_features), scale=1.0)
         self.delta = nn.Parameter(delta.detach().clone().float(), requires_grad=False)
 
     def pair(self):
-        raise TypeError("a dense delta has no low-rank pair; resize it to LoRA first")
+        raise SdloraError("a dense delta (LoHa, LoKr, full) has no low-rank pair", "resize it to LoRA first (sdlora resize)")
 
     def b_side(self):
         return []

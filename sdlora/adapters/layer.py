@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import SdloraError
 from ..quant import dequantized_weight
 from .base import Adapter, BaseGeometry
 from .context import current_mix
@@ -21,13 +22,15 @@ def geometry_of(layer: nn.Module) -> BaseGeometry:
     """Shape facts of a Linear-like or Conv2d-like base layer (float or quantized)."""
     if hasattr(layer, "kernel_size"):
         if getattr(layer, "groups", 1) != 1 or getattr(layer, "padding_mode", "zeros") != "zeros":
-            raise ValueError(f"{type(layer).__name__} with groups or non-zero padding cannot be adapted")
+            raise SdloraError(f"{type(layer).__name__} with groups or non-zero padding cannot be adapted",
+                              "leave this layer out of the targets")
         return BaseGeometry(layer.in_channels, layer.out_channels, tuple(layer.kernel_size), tuple(layer.stride),
                             layer.padding if isinstance(layer.padding, str) else tuple(layer.padding),
                             tuple(layer.dilation))
     if hasattr(layer, "in_features"):
         return BaseGeometry(layer.in_features, layer.out_features)
-    raise TypeError(f"cannot adapt a {type(layer).__name__}: neither Linear-like nor Conv2d-like")
+    raise SdloraError(f"cannot adapt a {type(layer).__name__}: neither Linear-like nor Conv2d-like",
+                      "target linear and convolution layers only")
 
 
 def _per_sample(weight, batch: int, ndim: int):
@@ -47,9 +50,10 @@ class AdapterLayer(nn.Module):
 
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
-            raise ValueError(f"adapter '{name}' is already on this layer")
+            raise SdloraError(f"adapter '{name}' is already on this layer", "remove it first or choose another name")
         if adapter.geometry != self.geometry:
-            raise ValueError(f"adapter '{name}' was built for {adapter.geometry}, this layer is {self.geometry}")
+            raise SdloraError(f"adapter '{name}' was built for {adapter.geometry}, this layer is {self.geometry}",
+                              "the adapter was made for another base")
         self.adapters[name] = adapter
 
     def remove_adapter(self, name: str) -> None:

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from .base import Adapter, BaseGeometry
+from ..errors import SdloraError
+from .base import Adapter, BaseGeometry, check_rank
 from .functional import lora_delta, lora_scale
 
 INITS = ("gaussian", "kaiming")
@@ -24,7 +25,7 @@ def init_down(weight: torch.Tensor, rank: int, init: str, generator: torch.Gener
             bound = math.sqrt(6.0 / ((1 + 5.0) * fan_in))  # kaiming_uniform_ with a = sqrt(5)
             weight.uniform_(-bound, bound, generator=generator)
         else:
-            raise ValueError(f"unknown init '{init}'; choose one of: {', '.join(INITS)}")
+            raise SdloraError(f"unknown init '{init}'", f"choose one of: {', '.join(INITS)}")
 
 
 class LoraAdapter(Adapter):
@@ -35,6 +36,7 @@ class LoraAdapter(Adapter):
 
     def __init__(self, geometry: BaseGeometry, rank: int, alpha: float | None = None, *, rslora: bool = False,
                  dropout: float = 0.0, init: str = "gaussian", generator: torch.Generator | None = None):
+        check_rank(rank)
         alpha = float(rank if alpha is None else alpha)
         super().__init__(geometry, rank, lora_scale(alpha, rank, rslora), dropout)
         self.alpha = alpha

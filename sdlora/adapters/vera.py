@@ -8,6 +8,7 @@ import hashlib
 import torch
 from torch import nn
 
+from ..errors import SdloraError
 from .base import Adapter, BaseGeometry
 from .functional import lora_delta, vera_factors
 
@@ -28,7 +29,7 @@ class VeraAdapter(Adapter):
     def __init__(self, geometry: BaseGeometry, rank: int, *, seed: int, d_initial: float = 0.1,
                  shared: dict | None = None, dropout: float = 0.0):
         if geometry.is_conv:
-            raise ValueError("VeRA adapts linear layers only; use LoRA (LoCon) or DoRA for convolutions")
+            raise SdloraError("VeRA adapts linear layers only", "use LoRA (LoCon) or DoRA for convolutions")
         super().__init__(geometry, rank, 1.0, dropout)  # VeRA has no alpha: the vectors carry the scale
         self.seed = seed
         key = (seed, rank, geometry.in_features, geometry.out_features)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import SdloraError
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -63,7 +65,8 @@ def unet_to_ldm(sd: dict, config: dict) -> dict:
         _move(sd, out, f"up_blocks.{b}.upsamplers.0.conv", f"output_blocks.{last}.{2 if has_attn else 1}.conv")
     if len(out) != len(sd):
         missing = sorted(set(sd) - {k for k in sd if any(k.startswith(s + ".") for s in _UNET_FIXED)})[:3]
-        raise ValueError(f"UNet layout not understood: mapped {len(out)} of {len(sd)} tensors (e.g. {missing})")
+        raise SdloraError(f"UNet layout not understood: mapped {len(out)} of {len(sd)} tensors (e.g. {missing})",
+                          "only SD1, SD2 and SDXL UNets convert to the single-file layout; save a diffusers folder")
     return out
 
 
@@ -90,7 +93,8 @@ def vae_to_ldm(sd: dict, config: dict) -> dict:
     for name in ("quant_conv", "post_quant_conv"):
         _move(sd, out, name, name)
     if len(out) != len(sd):
-        raise ValueError(f"VAE layout not understood: mapped {len(out)} of {len(sd)} tensors")
+        raise SdloraError(f"VAE layout not understood: mapped {len(out)} of {len(sd)} tensors",
+                          "only SD-style AutoencoderKL VAEs convert to the single-file layout; save a diffusers folder")
     return out
 
 

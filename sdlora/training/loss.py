@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import SdloraError
+
 
 def noise_like(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
     """Gaussian noise (B, C, H, W); with `offset`, plus a per-channel constant (Guttenberg's noise
@@ -21,7 +23,8 @@ def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps:
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction type {kind!r}")
+    raise SdloraError(f"the base's scheduler predicts {kind!r}, which training does not support",
+                      "train on a base whose scheduler config says prediction_type epsilon or v_prediction")
 
 
 def loss_weights(scheduler, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
