@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 from pathlib import Path
@@ -120,15 +121,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import dataclasses
-
     from .training.config import TrainConfig
     from .training.loop import train
 
-    # Every TrainConfig field has a flag of the same name; unset flags (None) leave the config file's value.
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
-    overrides.update(out_dir=args.out, validation_prompts=tuple(args.validation_prompt) or None)
-    cfg = TrainConfig.load(args.config, **overrides)
+    # Every TrainConfig field has a flag (add_config_flags); unset flags (None) leave the config file's value.
+    cfg = TrainConfig.load(args.config, **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     result = train(cfg, progress=not args.quiet)
     print(result.adapter)
     print(f"{len(result.losses)} steps in {result.seconds:.0f} s, final loss {result.losses[-1]:.4f}", file=sys.stderr)
@@ -207,6 +204,38 @@ def cmd_webui(args) -> int:
         page.close()
 
 
+def _shown(value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One flag per field of the settings dataclass (TrainConfig): the flag is --field-name unless the
+    field's metadata names another, its type comes from the annotation, its help, choices and metavar
+    from the metadata, and every default is None, so an unset flag leaves the config file's value."""
+    for f in dataclasses.fields(config_cls):
+        meta, kind = f.metadata, str(f.type)
+        text = meta.get("help", "")
+        if meta.get("show_default", True):
+            text += f" (default {_shown(f.default)})"
+        kw = {"default": None, "help": text.replace("%", "%%"), "metavar": meta.get("metavar")}
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs="?", **kw)
+            continue
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        if kind == "bool":
+            del kw["metavar"]
+            parser.add_argument(flag, dest=f.name, action="store_true", **kw)
+        elif kind.startswith("tuple"):
+            parser.add_argument(flag, dest=f.name, action="append", **kw)
+        else:
+            kind_type = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, dest=f.name, type=kind_type, choices=meta.get("choices"), **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .training.config import TrainConfig  # light (dataclasses, tomllib): the train flags show its defaults
 
@@ -247,58 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT_DIR/NAME.safetensors, OUT_DIR/logs (loss.csv, val_loss.csv, tensorboard/) "
                                    "and OUT_DIR/samples. Flags override --config. Under `accelerate launch` "
                                    "each process trains on its share of every batch.")
-    t.add_argument("data_dir", metavar="DATA_DIR", nargs="?", default=None,
-                   help="pictures with same-name .txt captions (or data_dir in --config)")
-    t.add_argument("--out", default=None, metavar="OUT_DIR", help="where the run writes (or out_dir in --config)")
     t.add_argument("--config", metavar="FILE.toml", help="settings file; its keys are TrainConfig's field names")
-    t.add_argument("--base", default=None, help=f"the base model: {BASE_HELP}")
-    t.add_argument("--name", default=None, help="adapter name (default 'adapter')")
-    t.add_argument("--method", choices=["lora", "dora", "vera"], default=None)
-    t.add_argument("--rank", type=int, default=None, help=f"adapter rank (default {TrainConfig.rank})")
-    t.add_argument("--alpha", type=float, default=None)
-    t.add_argument("--targets", choices=["attn", "linear", "all"], default=None,
-                   help=f"UNet layers: attention projections, every transformer linear, or those plus the ResNet "
-                        f"and sampler convolutions (default {TrainConfig.targets})")
-    t.add_argument("--text-encoder", action="store_true", default=None, help="train adapters on the text encoder too")
-    t.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default=None, help="the frozen base (default nf4)")
-    t.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {TrainConfig.steps})")
-    t.add_argument("--lr", type=float, default=None, help=f"learning rate (default {TrainConfig.lr:g})")
-    t.add_argument("--loraplus-ratio", type=float, default=None, help="B's learning rate over A's (LoRA+)")
-    t.add_argument("--resolution", type=int, default=None, help="bucket area side (default: the base's native size)")
-    t.add_argument("--batch-size", type=int, default=None, help="global batch, split across processes (default 4)")
-    t.add_argument("--grad-accum", type=int, default=None, metavar="N", help="batches per optimizer step (default 1)")
-    t.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                   help="recompute UNet activations in the backward pass (less memory, slower)")
-    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="autocast the forward pass; trained weights stay fp32 (default no)")
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--trigger", default=None, help="trigger word, put first in every caption")
-    t.add_argument("--caption-dropout", type=float, default=None, help="share of empty captions (default 0.05)")
-    t.add_argument("--shuffle-tags", action="store_true", default=None, help="shuffle comma-separated tags")
-    t.add_argument("--keep-tokens", type=int, default=None, metavar="N", help="leading tags kept in place")
-    t.add_argument("--repeats", type=int, default=None, help="times each picture appears per epoch")
-    t.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR weighting gamma (default 5)")
-    t.add_argument("--noise-offset", type=float, default=None)
-    t.add_argument("--skip-bad-images", action="store_true", default=None,
-                   help="skip unreadable pictures and missing captions")
-    t.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default=None,
-                   help="8-bit and paged AdamW come from bitsandbytes (paged needs CUDA; a warning says what runs)")
-    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
-    t.add_argument("--warmup-steps", type=int, default=None)
-    t.add_argument("--ema-decay", type=float, default=None, help="write the adapter's moving average, e.g. 0.999")
-    t.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT",
-                   help="repeatable; OUT_DIR/samples/step-N.png shows each without and with the adapter")
-    t.add_argument("--validation-seeds", type=int, default=None, help="pictures per validation prompt (default 2)")
-    t.add_argument("--validation-split", type=float, default=None,
-                   help="share of pictures held out for logs/val_loss.csv (default 0.1)")
-    t.add_argument("--validate-every", type=int, default=None, metavar="N",
-                   help="validation loss and pictures every N steps (default: at the end)")
-    t.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                   help="write OUT_DIR/checkpoints/step-N every N steps (atomically)")
-    t.add_argument("--keep-checkpoints", type=int, default=None, help="complete checkpoints kept (default 2)")
-    t.add_argument("--resume", action="store_true", default=None,
-                   help="continue from the newest complete checkpoint: adapter, optimizer, schedule, RNGs and data "
-                        "position restored, so the result equals an uninterrupted run")
+    add_config_flags(t, TrainConfig)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from .adapters import AdapterConfig, AdapterLayer
+from .choices import UNET_PRESETS
 from .errors import SdloraError
-
-UNET_PRESETS = ("attn", "linear", "all")
 
 
 def _is_linear_like(m: nn.Module) -> bool:

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import OPTIMIZERS, QUANT_MODES
 from .errors import SdloraError
-
-QUANT_MODES = ("nf4", "fp4", "int8")
 
 
 def _bnb():
@@ -194,7 +193,6 @@ def float_state_dict(model: nn.Module, replace: dict[str, torch.Tensor] | None =
     return out
 
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
 def make_optimizer(name: str, groups: list[dict], device: torch.device):

@@ -199,3 +199,28 @@ def test_debug_shows_the_traceback_behind_the_one_line(tmp_path):
     proc = sdlora("--debug", "generate", "a red circle", "--out", str(out), "--size", "65x64")
     assert proc.returncode == 2 and "Traceback (most recent call last)" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("sdlora: error: width 65 is not a multiple of 8")
+
+
+def test_every_training_setting_is_a_flag_with_its_default_and_one_option_list():
+    """The train flags are built from TrainConfig's fields: a new field is a flag and a TOML key at once."""
+    import dataclasses
+
+    from sdlora.adapters import METHODS
+    from sdlora.choices import BASE_QUANT, TRAIN_METHODS, UNET_PRESETS
+    from sdlora.cli import build_parser
+    from sdlora.training.config import TrainConfig
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    actions = {a.dest: a for a in train._actions}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(fields) <= set(actions) and set(actions) - set(fields) == {"help", "config", "quiet"}
+    assert actions["quant"].choices == BASE_QUANT and actions["targets"].choices == UNET_PRESETS
+    assert actions["method"].choices == TRAIN_METHODS == tuple(METHODS)
+    assert f"(default {TrainConfig.rank})" in actions["rank"].help and actions["out_dir"].option_strings == ["--out"]
+    args = parser.parse_args(["train", "data", "--out", "o", "--rank", "3", "--validation-prompt", "a", "--validation-prompt",
+                              "b", "--text-encoder", "--lr", "0.01"])
+    cfg = TrainConfig.load(None, **{name: getattr(args, name) for name in fields})
+    assert (cfg.data_dir, cfg.out_dir, cfg.rank, cfg.validation_prompts, cfg.text_encoder, cfg.lr) == \
+        ("data", "o", 3, ("a", "b"), True, 0.01)
+    assert cfg.steps == TrainConfig.steps  # unset flags keep the default (or the config file's value)

@@ -12,6 +12,7 @@ from functools import wraps
 
 import gradio as gr
 
+from sdlora.choices import BASE_QUANT, TRAIN_METHODS
 from sdlora.errors import SdloraError
 from sdlora.library import LibraryEntry
 from sdlora.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -110,14 +111,14 @@ def build(studio: Studio) -> gr.Blocks:
                 upload_go = gr.Button("Add dataset")
             with gr.Row():
                 t_name = gr.Textbox(label="Adapter name", value="my-style")
-                t_method = gr.Radio(["lora", "dora", "vera"], value="lora", label="Method")
+                t_method = gr.Radio(list(TRAIN_METHODS), value=TrainConfig.method, label="Method")
                 # The defaults of `sdlora train` (TrainConfig), so the page and the CLI train alike.
                 t_rank = gr.Slider(1, 128, value=TrainConfig.rank, step=1, label="Rank")
                 t_steps = gr.Slider(1, 5000, value=TrainConfig.steps, step=1, label="Steps")
                 t_lr = gr.Number(TrainConfig.lr, label="Learning rate")
             with gr.Row():
                 t_trigger = gr.Textbox(label="Trigger word (optional)")
-                t_quant = gr.Radio(["nf4", "int8", "none"], value=TrainConfig.quant, label="Base quantization")
+                t_quant = gr.Radio(list(BASE_QUANT), value=TrainConfig.quant, label="Base quantization")
                 t_prompt = gr.Textbox(label="Validation prompt (optional)")
             with gr.Row():
                 t_start = gr.Button("Start training", variant="primary")

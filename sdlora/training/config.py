@@ -8,49 +8,70 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..choices import BASE_QUANT, LR_SCHEDULES, MIXED_PRECISION, OPTIMIZERS, TRAIN_METHODS, UNET_PRESETS
 from ..errors import SdloraError
+
+
+def _opt(default, help: str, **meta):
+    """A setting: its default, and what its CLI flag shows (help; choices, metavar, flag name, positional)."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data_dir: str
-    out_dir: str
-    base: str = "embedded"
-    name: str = "adapter"
-    method: str = "lora"
-    rank: int = 8
-    alpha: float | None = None
-    targets: str = "attn"
-    text_encoder: bool = False
-    quant: str = "nf4"  # nf4 | fp4 | int8 | none
-    steps: int = 200  # optimizer steps; each consumes grad_accum batches
-    lr: float = 1e-4
-    loraplus_ratio: float = 1.0
-    warmup_steps: int = 0
-    resolution: int | None = None  # None: the base's native size
-    batch_size: int = 4
-    grad_accum: int = 1
-    gradient_checkpointing: bool = False  # recompute UNet activations in the backward pass: less memory, ~30% slower
-    seed: int = 0
-    trigger: str | None = None
-    caption_dropout: float = 0.05
-    shuffle_tags: bool = False
-    keep_tokens: int = 0
-    repeats: int = 1
-    min_snr_gamma: float | None = 5.0
-    noise_offset: float = 0.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    skip_bad_images: bool = False
-    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit
-    lr_schedule: str = "constant"  # constant | cosine, both after the warm-up
-    ema_decay: float | None = None  # e.g. 0.999: write the exponential moving average of the adapter
-    validation_prompts: tuple[str, ...] = ()
-    validation_split: float = 0.1  # share of the pictures held out for the validation loss (floor; 0: none)
-    validate_every: int = 0  # validation loss and pictures every N steps; 0: only at the end
-    validation_seeds: int = 2
-    checkpoint_every: int = 0  # 0: no checkpoints
-    keep_checkpoints: int = 2
-    resume: bool = False
+    """Every field is a TOML key and a `sdlora train` flag of the same name (sdlora.cli builds the flags
+    from these fields), so a new setting is one line here."""
+
+    data_dir: str = _opt(dataclasses.MISSING, "pictures with same-name .txt captions (or data_dir in --config)", positional=True,
+                         metavar="DATA_DIR", show_default=False)
+    out_dir: str = _opt(dataclasses.MISSING, "where the run writes (or out_dir in --config)", flag="--out", metavar="OUT_DIR",
+                        show_default=False)
+    base: str = _opt("embedded", "the base model: 'embedded', a diffusers folder, a .safetensors checkpoint, "
+                                 "or a hub id (online only)")
+    name: str = _opt("adapter", "adapter name")
+    method: str = _opt("lora", "adapter method", choices=TRAIN_METHODS)
+    rank: int = _opt(8, "adapter rank")
+    alpha: float | None = _opt(None, "updates are scaled by alpha / rank (default: alpha = rank)",
+                                show_default=False)
+    targets: str = _opt("attn", "UNet layers: attention projections, every transformer linear, or those plus the "
+                                "ResNet and sampler convolutions", choices=UNET_PRESETS)
+    text_encoder: bool = _opt(False, "train adapters on the text encoder too")
+    quant: str = _opt("nf4", "the frozen base's quantization during training", choices=BASE_QUANT)
+    steps: int = _opt(200, "optimizer steps; each consumes --grad-accum batches")
+    lr: float = _opt(1e-4, "learning rate")
+    loraplus_ratio: float = _opt(1.0, "B's learning rate over A's (LoRA+)")
+    warmup_steps: int = _opt(0, "linear learning-rate warm-up steps")
+    resolution: int | None = _opt(None, "bucket area side (default: the base's native size)",
+                                   show_default=False)
+    batch_size: int = _opt(4, "global batch, split across processes")
+    grad_accum: int = _opt(1, "batches per optimizer step", metavar="N")
+    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass: less memory, "
+                                               "about 30% slower")
+    seed: int = _opt(0, "seeds the adapter's initialisation, the data order and the noise")
+    trigger: str | None = _opt(None, "trigger word, put first in every caption")
+    caption_dropout: float = _opt(0.05, "share of empty captions")
+    shuffle_tags: bool = _opt(False, "shuffle comma-separated tags")
+    keep_tokens: int = _opt(0, "leading tags kept in place", metavar="N")
+    repeats: int = _opt(1, "times each picture appears per epoch")
+    min_snr_gamma: float | None = _opt(5.0, "min-SNR weighting gamma")
+    noise_offset: float = _opt(0.0, "noise offset (a per-channel constant added to the noise)")
+    mixed_precision: str = _opt("no", "autocast the forward pass; trained weights stay fp32", choices=MIXED_PRECISION)
+    skip_bad_images: bool = _opt(False, "skip unreadable pictures and missing captions")
+    optimizer: str = _opt("adamw", "8-bit and paged AdamW come from bitsandbytes (paged needs CUDA; a warning "
+                                   "says what runs)", choices=OPTIMIZERS)
+    lr_schedule: str = _opt("constant", "learning-rate schedule after the warm-up", choices=LR_SCHEDULES)
+    ema_decay: float | None = _opt(None, "write the adapter's exponential moving average, e.g. 0.999")
+    validation_prompts: tuple[str, ...] = _opt((), "repeatable; OUT_DIR/samples/step-N.png shows each without and "
+                                                   "with the adapter", flag="--validation-prompt", metavar="PROMPT",
+                                               show_default=False)
+    validation_split: float = _opt(0.1, "share of pictures held out for logs/val_loss.csv (floor; 0: none)")
+    validate_every: int = _opt(0, "validation loss and pictures every N steps (0: only at the end)", metavar="N")
+    validation_seeds: int = _opt(2, "pictures per validation prompt")
+    checkpoint_every: int = _opt(0, "write OUT_DIR/checkpoints/step-N every N steps, atomically (0: none)",
+                                 metavar="N")
+    keep_checkpoints: int = _opt(2, "complete checkpoints kept")
+    resume: bool = _opt(False, "continue from the newest complete checkpoint: adapter, optimizer, schedule, RNGs "
+                               "and data position restored, so the result equals an uninterrupted run")
 
     def __post_init__(self):
         object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts))
@@ -62,17 +83,18 @@ class TrainConfig:
             (0 <= self.caption_dropout < 1, "caption_dropout", "in [0, 1)"),
             (self.warmup_steps >= 0, "warmup_steps", "0 or more"),
             (self.checkpoint_every >= 0, "checkpoint_every", "0 (none) or more"),
-            (self.optimizer in ("adamw", "adamw8bit", "paged_adamw8bit"), "optimizer",
-             "adamw, adamw8bit or paged_adamw8bit"),
-            (self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant or cosine"),
+            (self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS)),
+            (self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(LR_SCHEDULES)),
             (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "in (0, 1), or unset"),
             (self.validate_every >= 0 and self.validation_seeds >= 1, "validate_every", "0 or more"),
             (0 <= self.validation_split < 1, "validation_split", "in [0, 1)"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "at least 1"),
             (self.noise_offset >= 0, "noise_offset", "0 or more"),
             (self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "positive (or unset)"),
-            (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16"),
-            (self.quant in ("nf4", "fp4", "int8", "none"), "quant", "nf4, fp4, int8 or none"),
+            (self.mixed_precision in MIXED_PRECISION, "mixed_precision", " or ".join(MIXED_PRECISION)),
+            (self.quant in BASE_QUANT, "quant", " or ".join(BASE_QUANT)),
+            (self.method in TRAIN_METHODS, "method", " or ".join(TRAIN_METHODS)),
+            (self.targets in UNET_PRESETS, "targets", " or ".join(UNET_PRESETS)),
             (self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0), "resolution",
              "a multiple of 8"),
         ]

@@ -1,0 +1,14 @@
+"""The option lists, each defined once: the settings check them, the CLI offers them, the page shows them.
+
+Plain tuples with no imports, so the CLI's argument parser and the training settings can use them
+without loading torch or bitsandbytes.
+"""
+
+QUANT_MODES = ("nf4", "fp4", "int8")  # bitsandbytes quantizations of a frozen base
+BASE_QUANT = ("nf4", "fp4", "int8", "none")  # what a base can be loaded as; none: float
+TRAIN_METHODS = ("lora", "dora", "vera")  # the keys of sdlora.adapters.METHODS; LoHa/LoKr files load as deltas
+UNET_PRESETS = ("attn", "linear", "all")  # which UNet layers get adapters (sdlora.inject.unet_targets)
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+LR_SCHEDULES = ("constant", "cosine")  # both after the warm-up
+MIXED_PRECISION = ("no", "fp16", "bf16")
+FILE_FORMATS = ("sdlora", "kohya", "diffusers")
