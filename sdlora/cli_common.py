@@ -1,0 +1,85 @@
+"""What several `sdlora` commands share: the base flags, sizes, devices and adapter specs (FILE[:W[:TE_W]])."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import SdloraError
+
+BASE_HELP = "'embedded' (default), a diffusers folder, a .safetensors checkpoint, or a hub id (online only)"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'64x48' -> (64, 48); '64' -> (64, 64)."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) == 1:
+            return int(parts[0]), int(parts[0])
+        if len(parts) == 2:
+            return int(parts[0]), int(parts[1])
+    except ValueError:
+        pass
+    raise SdloraError(f"--size '{text}' is not WIDTHxHEIGHT", "pass e.g. --size 64x64")
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SdloraError(f"--device {name} asked for, but torch sees no CUDA device", "pass --device cpu")
+    return name
+
+
+def add_base_flags(p: argparse.ArgumentParser, runs_model: bool = True) -> None:
+    """--base and --base-config; with runs_model (commands that compute with the base) also
+    --device and --quant."""
+    p.add_argument("--base", default="embedded", help=f"the base model: {BASE_HELP}")
+    p.add_argument("--base-config", metavar="DIR", default=None,
+                   help="for a single-file --base: a diffusers folder of the same architecture whose configs "
+                        "and tokenizer are used, so nothing is fetched from the hub")
+    if not runs_model:
+        return
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
+    p.add_argument("--quant", default="none", choices=["none", "nf4", "fp4", "int8"],
+                   help="hold the UNet and text encoder(s) in 4 or 8 bits: NF4/FP4 with double quantization on "
+                        "linear and conv layers, or int8 on linear layers with NF4 convs (default none)")
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, float, float | None]:
+    """'style.safetensors:0.8:0.5' -> (path, UNet weight 0.8, text-encoder weight 0.5). Weights
+    are taken off the end only when they parse as numbers, so paths may hold colons."""
+    parts = spec.split(":")
+    weights: list[float] = []
+    while len(parts) > 1 and len(weights) < 2:
+        try:
+            weights.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = ":".join(parts)
+    unet_w = weights[0] if weights else 1.0
+    te_w = weights[1] if len(weights) > 1 else None
+    return path, unet_w, te_w
+
+
+def load_mix(base, specs: list[str]):
+    """Load each FILE[:W[:TE_W]] into the base and return the Mix of them all."""
+    from .adapter_io import load_adapter
+    from .mixing import AdapterWeights, Mix
+
+    entries = {}
+    for i, spec in enumerate(specs):
+        path, unet_w, te_w = parse_adapter_spec(spec)
+        weights = AdapterWeights(unet=unet_w, text_encoder=unet_w if te_w is None else te_w)  # validates first
+        loaded = load_adapter(base, path, f"a{i}")  # the same file may be given twice, with other weights
+        tell(path, loaded.file)
+        entries[loaded.name] = weights
+    return Mix(entries)
+
+
+def tell(path: str, af) -> None:
+    """Every command that reads an adapter says what it found (on stderr, so stdout stays the result)."""
+    print(f"{path}: {af.format} {af.method}, {len(af.modules)} modules", file=sys.stderr)
