@@ -13,8 +13,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from .atomic import atomic_file
 from .errors import SdloraError
-from .pipelines import Base
-from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
+from .pipelines import Base, make_scheduler
+from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 MAX_SIDE = 4096
 MAX_IMAGES = 64
@@ -103,11 +103,7 @@ def _call_pipeline(base: Base, settings: GenerateSettings, prompt: str, width: i
                    mix=None):
     """One batch of `num` pictures for one prompt. A fresh pipeline object around the shared
     modules carries its own scheduler, so concurrent calls do not share scheduler state."""
-    components = dict(base.pipe.components)
-    components["scheduler"] = make_scheduler(settings.scheduler, base.pipe.scheduler.config)
-    if "safety_checker" in components:
-        components["requires_safety_checker"] = False
-    pipe = type(base.pipe)(**components)
+    pipe = base.pipeline_with(scheduler=make_scheduler(settings.scheduler, base.pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     device = base.pipe.device
     # One generator per picture: picture k of a call equals a call with seed + k (as in A1111).

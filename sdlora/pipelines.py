@@ -92,6 +92,19 @@ class Base:
                                    "text_encoder": text_encoder}
         return total
 
+    def pipeline_with(self, **replace):
+        """A new pipeline object over this base's components with some replaced (a scheduler, fresh models);
+        the other components are shared, not copied. Pipelines are cheap; schedulers hold per-call state."""
+        components = dict(self.pipe.components)
+        components.update(replace)
+        if "safety_checker" in components:
+            components["requires_safety_checker"] = False
+        return type(self.pipe)(**components)
+
+    def save(self, folder: str | Path, **replace) -> None:
+        """Save the pipeline (with `replace`d components) as a diffusers folder, weights in safetensors."""
+        self.pipeline_with(**replace).save_pretrained(folder, safe_serialization=True)
+
     def remove_adapter(self, name: str) -> int:
         """Take adapter `name` off every layer of every model and out of `adapter_info`, together, so the
         name can be loaded again (a changed file, a retrained adapter). Returns the number of layers."""
@@ -270,3 +283,23 @@ def load_base(base: str = EMBEDDED, *, dtype: torch.dtype = torch.float32, devic
         if model is not None:
             model.requires_grad_(False)  # the base is frozen: only adapters ever train
     return Base(pipe=pipe, family=family, source=base, kind=kind)
+
+
+def make_scheduler(name: str, base_config):
+    """A new sampler `name` (sdlora.schedulers.SCHEDULERS) from the base's scheduler config, so the training
+    schedule (betas, prediction type) always comes from the model; fresh per call (schedulers hold state)."""
+    import diffusers
+
+    from .schedulers import SCHEDULERS
+
+    if name not in SCHEDULERS:
+        raise SdloraError(f"unknown scheduler '{name}'", f"choose one of: {', '.join(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(base_config, **extra)
+
+
+def training_scheduler(base: Base):
+    """The noise schedule training adds noise with: DDPM over the base's own betas and prediction type."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(base.pipe.scheduler.config)

@@ -1,8 +1,7 @@
-"""Sampler names users know (A1111's, in short form) mapped to diffusers scheduler classes."""
+"""Sampler names users know (A1111's, in short form) mapped to diffusers scheduler class names: a table
+only (pipelines.make_scheduler builds them), so the CLI and the page can list them without diffusers."""
 
 from __future__ import annotations
-
-from .errors import SdloraError
 
 # name -> (diffusers class name, extra config). Built fresh per call from the base's own config,
 # so the training schedule (betas, prediction type) always comes from the model.
@@ -19,13 +18,3 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 DEFAULT_SCHEDULER = "euler"
-
-
-def make_scheduler(name: str, base_config):
-    """A new scheduler instance (schedulers hold per-call state, so calls never share one)."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise SdloraError(f"unknown scheduler '{name}'", f"choose one of: {', '.join(SCHEDULERS)}")
-    cls_name, extra = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config(base_config, **extra)

@@ -68,11 +68,7 @@ def _bake_quantized(base, mix, tmp: Path) -> tuple[int, float]:
         fresh = type(model).from_config(model.config) if hasattr(type(model), "from_config") else type(model)(model.config)
         fresh.load_state_dict(sd, strict=True)
         new_models[role] = fresh
-    components = dict(base.pipe.components)
-    components.update(new_models)
-    if "safety_checker" in components:
-        components["requires_safety_checker"] = False
-    type(base.pipe)(**components).save_pretrained(tmp, safe_serialization=True)
+    base.save(tmp, **new_models)
     return changed, (lost_sq / change_sq) ** 0.5 if change_sq else 0.0
 
 
@@ -85,7 +81,7 @@ def _bake_float(base, mix, tmp: Path) -> tuple[int, float]:
         try:
             for model in base.models().values():
                 unwrap(model)  # the plain modules, now holding W0 + sum w_i D_i
-            base.pipe.save_pretrained(tmp, safe_serialization=True)
+            base.save(tmp)
         finally:
             for role, model in base.models().items():
                 for name, layer in wrappers[role].items():

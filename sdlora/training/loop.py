@@ -23,7 +23,7 @@ from ..adapters.optim import param_groups
 from ..errors import SdloraError
 from ..inject import adapter_layers
 from ..mixing import Mix
-from ..pipelines import load_base
+from ..pipelines import load_base, training_scheduler
 from ..quant import make_optimizer
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, restore_rngs, save_checkpoint
 from .config import TrainConfig
@@ -108,7 +108,6 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
     the current step and writes the adapter as it is then (the summary records the steps done)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -155,7 +154,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
                                accelerator.device)
     optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the schedule steps once per step here
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = training_scheduler(base)
     scaling = float(pipe.vae.config.scaling_factor)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
