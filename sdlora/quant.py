@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .choices import OPTIMIZERS, QUANT_MODES
+from .choices import QUANT_MODES
 from .errors import SdloraError
 
 
@@ -93,6 +93,17 @@ class QuantConv2d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, 4-bit"
 
 
+def is_adapter_wrapper(module: nn.Module) -> bool:
+    """An adapter wrapper (sdlora.adapters.AdapterLayer) around a base layer, told by its two attributes:
+    the adapters import this module (to dequantize their base weight), never the other way round."""
+    return hasattr(module, "base_layer") and isinstance(getattr(module, "adapters", None), nn.ModuleDict)
+
+
+def bitsandbytes():
+    """The bitsandbytes module, for the few others that need it (the 8-bit optimizers): imported here only."""
+    return _bnb()
+
+
 def is_quantized(layer: nn.Module) -> bool:
     bnb = _bnb()
     return isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, QuantConv2d))
@@ -165,13 +176,11 @@ def float_state_dict(model: nn.Module, replace: dict[str, torch.Tensor] | None =
     """The model's state dict as its float original would have it: quantized layers dequantized,
     adapter wrappers seen through (their adapters left out), and `replace` (module name -> weight)
     used for those modules' weights."""
-    from .adapters.layer import AdapterLayer
-
     replace = replace or {}
     out: dict[str, torch.Tensor] = {}
 
     def visit(module: nn.Module, name: str) -> None:
-        if isinstance(module, AdapterLayer):
+        if is_adapter_wrapper(module):
             visit(module.base_layer, name)  # same name: the wrapper stands where the layer stood
             return
         prefix = f"{name}." if name else ""
@@ -191,33 +200,6 @@ def float_state_dict(model: nn.Module, replace: dict[str, torch.Tensor] | None =
 
     visit(model, "")
     return out
-
-
-
-
-def make_optimizer(name: str, groups: list[dict], device: torch.device):
-    """AdamW, or bitsandbytes' 8-bit AdamW (moments in 8 bits) and its paged variant (moments
-    in CUDA unified memory, so they page to the CPU under memory pressure). Where a variant
-    cannot run, a warning says so and the nearest one that can is used."""
-    import warnings
-
-    if name not in OPTIMIZERS:
-        raise SdloraError(f"unknown optimizer '{name}'", f"choose one of: {', '.join(OPTIMIZERS)}")
-    if name == "adamw":
-        return torch.optim.AdamW(groups)
-    if name == "paged_adamw8bit" and device.type != "cuda":
-        warnings.warn("paged optimizers page through CUDA unified memory; on the CPU, plain 8-bit AdamW is used",
-                      stacklevel=2)
-        name = "adamw8bit"
-    try:
-        bnb = _bnb()
-        cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
-        return cls(groups)
-    # What a bitsandbytes build that cannot run this optimizer here raises (missing, too old, no kernels);
-    # anything else (bad parameter groups, a bug) is not ours to hide.
-    except (ImportError, AttributeError, RuntimeError, NotImplementedError) as err:
-        warnings.warn(f"{name} is unavailable here ({type(err).__name__}: {err}); using torch AdamW", stacklevel=2)
-        return torch.optim.AdamW(groups)
 
 
 @dataclass(frozen=True)
@@ -285,15 +267,13 @@ def quantize_model(model: nn.Module, mode: str = "nf4", *, double_quant: bool = 
     Layers narrower than `min_features` stay float: their blocks would be mostly padding. The
     model must not hold adapters yet (quantize the base, then inject) nor be quantized already.
     """
-    from .adapters.layer import AdapterLayer
-
     if mode not in QUANT_MODES:
         raise SdloraError(f"unknown quantization '{mode}'", f"choose one of: {', '.join(QUANT_MODES)} (or none)")
     for name, m in model.named_modules():
         if is_quantized(m):
             raise SdloraError(f"{type(model).__name__} is already quantized ({name or 'root'} is {type(m).__name__})",
                               "quantize a float model once; reload the base to change the quantization")
-        if isinstance(m, AdapterLayer):
+        if is_adapter_wrapper(m):
             raise SdloraError(f"{type(model).__name__} already holds adapters ({name})",
                               "quantize the base first, then inject adapters")
     n_lin = n_conv = 0

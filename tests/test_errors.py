@@ -55,20 +55,42 @@ def test_int8_says_that_convolutions_go_to_nf4():
 
 
 def test_the_optimizer_fallback_hides_only_what_an_unusable_bitsandbytes_raises(monkeypatch):
-    from sdlora import quant
+    from sdlora.training import optimizers
 
     def broken():
         raise ImportError("no bitsandbytes here")
 
-    monkeypatch.setattr(quant, "_bnb", broken)
+    monkeypatch.setattr(optimizers, "bitsandbytes", broken)
     params = [nn.Parameter(torch.zeros(2))]
     with pytest.warns(UserWarning, match="adamw8bit is unavailable here"):
-        assert isinstance(quant.make_optimizer("adamw8bit", [{"params": params}], torch.device("cpu")),
+        assert isinstance(optimizers.make_optimizer("adamw8bit", [{"params": params}], torch.device("cpu")),
                           torch.optim.AdamW)
 
     def buggy():
         raise KeyError("a bug, not a missing build")
 
-    monkeypatch.setattr(quant, "_bnb", buggy)
+    monkeypatch.setattr(optimizers, "bitsandbytes", buggy)
     with pytest.raises(KeyError):
-        quant.make_optimizer("adamw8bit", [{"params": params}], torch.device("cpu"))
+        optimizers.make_optimizer("adamw8bit", [{"params": params}], torch.device("cpu"))
+
+
+def test_the_core_imports_bitsandbytes_in_quant_only_and_the_layer_quant_cycle_is_broken():
+    """sdlora.quant is the one module that imports bitsandbytes, and it never imports the adapters back."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "sdlora"
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
+        if any(m.split(".")[0] == "bitsandbytes" for m in names):
+            assert path.name == "quant.py", f"{path} imports bitsandbytes"
+        if path.name == "quant.py":
+            relative = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+            assert not any(m.startswith("adapters") for m in relative), relative
+    code = "import sys, sdlora.adapters, sdlora.mixing, sdlora.pipelines; print('bitsandbytes' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
