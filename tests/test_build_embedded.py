@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tokenizer_has_every_caption_word_whole_and_still_spells_unknown_words():
-    from train_scripts.build_embedded_base import build_tokenizer
+    from train_scripts.base_tokenizer import build_tokenizer
 
     tok = build_tokenizer(VOCAB_WORDS)
     for word in VOCAB_WORDS:
@@ -26,7 +26,7 @@ def test_tokenizer_has_every_caption_word_whole_and_still_spells_unknown_words()
 def test_shipped_tokenizer_matches_the_builder():
     from transformers import CLIPTokenizer
 
-    from train_scripts.build_embedded_base import build_tokenizer
+    from train_scripts.base_tokenizer import build_tokenizer
 
     shipped = CLIPTokenizer.from_pretrained(ROOT / "samples" / "embedded" / "tokenizer")
     built = build_tokenizer(VOCAB_WORDS)

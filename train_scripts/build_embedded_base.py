@@ -31,55 +31,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_scripts.shapes import (  # noqa: E402
     VOCAB_WORDS, background_name, draw_scene, dominant_foreground_color, random_scene)
+from train_scripts.base_tokenizer import MAX_TOKENS, build_tokenizer, write_classic_tokenizer_files  # noqa: E402
 from train_scripts.texture_corpus import corpus  # noqa: E402
 from sdlora.atomic import atomic_folder  # noqa: E402
 
 PX = 64  # picture side
 LATENT_PX = 16  # VAE factor 4: three encoder blocks; 8 latent channels (see --latent-channels)
-MAX_TOKENS = 77  # as in every SD text encoder, so prompts pad the way users expect
-
-
-def build_tokenizer(words: list[str]):
-    """A CLIP byte-level BPE tokenizer in which each word of `words` is one token.
-
-    The vocabulary starts with the 256 byte symbols and their end-of-word forms (so any text
-    still tokenizes, as in CLIP), then one merge chain per word, then the two special tokens.
-    Merges are added until the real tokenizer returns each word whole.
-    """
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    for c in alphabet:
-        vocab[c + "</w>"] = len(vocab)
-    merges: list[tuple[str, str]] = []
-
-    def make():
-        v = dict(vocab)
-        v["<|startoftext|>"] = len(v)
-        v["<|endoftext|>"] = len(v)
-        return CLIPTokenizer(vocab=v, merges=list(merges), model_max_length=MAX_TOKENS)
-
-    for word in words:
-        for _ in range(4 * len(word)):
-            pieces = make().tokenize(word)
-            if len(pieces) == 1:
-                break
-            left, right = pieces[0], pieces[1]
-            merges.append((left, right))
-            vocab.setdefault(left + right, len(vocab))
-        else:
-            raise RuntimeError(f"could not make {word!r} a single token")
-    return make()
-
-
-def write_classic_tokenizer_files(tokenizer, folder: Path) -> None:
-    """vocab.json and merges.txt beside tokenizer.json, for tools that read only the classic pair."""
-    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False) + "\n")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 def make_dataset(n: int, seed: int, p_background: float):
@@ -251,7 +208,7 @@ def binding_check(pipe, seeds=range(4), steps: int = 20) -> float:
     return hits / total
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("samples/embedded"))
     ap.add_argument("--seed", type=int, default=0)
@@ -280,16 +237,12 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    t0 = time.time()
-    log = lambda msg: print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)  # noqa: E731
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
+
+def vae_stage(args, summary: dict, log, t0: float):
+    """Train the VAE on the texture corpus (or reuse --vae-from, with its record); add its figures to `summary`."""
     gen = torch.Generator().manual_seed(args.seed)
-
-    summary = {"base_version": 2, "seed": args.seed, "images": args.images, "p_background": args.p_background}
     if args.vae_from:
         from diffusers import AutoencoderKL
 
@@ -311,17 +264,13 @@ def main(argv=None):
     held_out = torch.from_numpy(corpus(256, args.seed + 1, PX)).permute(0, 3, 1, 2).contiguous()
     summary["vae_psnr_corpus_held_out"] = round(psnr(vae, held_out), 2)
     log(f"VAE PSNR on held-out corpus pictures: {summary['vae_psnr_corpus_held_out']} dB")
-    if args.vae_only:
-        vae.save_pretrained(args.out, safe_serialization=True)
-        (args.out / "BUILD.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log(f"VAE saved to {args.out}")
-        return
+    return vae
 
-    # The UNet stage starts from its own seeds, so a build that reuses a VAE (--vae-from) trains the same
-    # UNet and text encoder as the full build that made that VAE.
-    t_unet = time.time()
-    torch.manual_seed(args.seed + 1)
-    gen = torch.Generator().manual_seed(args.seed + 1)
+
+def unet_data(args, vae, log) -> dict:
+    """Captioned shape pictures encoded once (latents standardised, then one SD scaling factor), the
+    tokenizer, every caption tokenized once (index 0: the empty caption), and the fresh models (made
+    right after the tokenizer: their initialisation draws from the stage's seed in this order)."""
     images, captions = make_dataset(args.images, args.seed, args.p_background)
     tokenizer = build_tokenizer(VOCAB_WORDS)
     log(f"{len(images)} pictures, tokenizer of {len(tokenizer)} tokens")
@@ -333,14 +282,26 @@ def main(argv=None):
     scaling = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling)
     log(f"latents encoded, scaling factor {scaling:.4f}")
-
-    # Captions tokenized once, padded to 77 as the pipeline does; index 0 is the empty caption.
+    # Padded to 77 as the pipeline does.
     texts = [""] + sorted(set(captions))
     ids = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
-    caption_index = torch.tensor([texts.index(c) for c in captions])
+    return {"means": means, "stds": stds, "scaling": scaling, "tokenizer": tokenizer, "ids": ids,
+            "caption_index": torch.tensor([texts.index(c) for c in captions]), "text_encoder": text_encoder,
+            "unet": unet}
 
+
+def unet_stage(args, vae, summary: dict, log) -> None:
+    """Train the UNet and text encoder jointly on the diffusion loss; save (and check) every --save-every steps.
+    It starts from its own seeds, so a build that reuses a VAE (--vae-from) trains the same UNet and text
+    encoder as the full build that made that VAE."""
     from diffusers import DDPMScheduler
 
+    t_unet = time.time()
+    torch.manual_seed(args.seed + 1)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    data = unet_data(args, vae, log)
+    means, stds, scaling, ids, caption_index = (data[k] for k in ("means", "stds", "scaling", "ids", "caption_index"))
+    tokenizer, text_encoder, unet = data["tokenizer"], data["text_encoder"], data["unet"]
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     alphas = noise_sched.alphas_cumprod  # (1000,)
     snr = alphas / (1 - alphas)
@@ -351,7 +312,7 @@ def main(argv=None):
     for step in range(args.unet_steps):
         unet.train()
         text_encoder.train()
-        idx = torch.randint(len(images), (args.unet_batch,), generator=gen)
+        idx = torch.randint(len(means), (args.unet_batch,), generator=gen)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling  # (B, C, 16, 16)
         cap = caption_index[idx].clone()
         cap[torch.rand(len(cap), generator=gen) < 0.1] = 0  # empty caption: learns the unconditional model
@@ -370,8 +331,7 @@ def main(argv=None):
         sched.step()
         if step % 50 == 0:
             log(f"unet step {step}/{args.unet_steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e}")
-        last = step == args.unet_steps - 1
-        if last or (step + 1) % args.save_every == 0:
+        if step == args.unet_steps - 1 or (step + 1) % args.save_every == 0:
             unet.eval()
             text_encoder.eval()
             unet_seconds = time.time() - t_unet
@@ -383,6 +343,23 @@ def main(argv=None):
             summary.update(colour_check=acc, binding_check=round(bound, 3))
             (args.out / "BUILD.json").write_text(json.dumps(summary, indent=2) + "\n")
             log(f"saved {args.out} after {step + 1} steps; colour check {acc:.2f}, binding check {bound:.2f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    log = lambda msg: print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)  # noqa: E731
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    summary = {"base_version": 2, "seed": args.seed, "images": args.images, "p_background": args.p_background}
+    vae = vae_stage(args, summary, log, t0)
+    if args.vae_only:
+        vae.save_pretrained(args.out, safe_serialization=True)
+        (args.out / "BUILD.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log(f"VAE saved to {args.out}")
+        return
+    unet_stage(args, vae, summary, log)
     log("done")
 
 
