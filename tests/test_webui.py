@@ -241,7 +241,9 @@ def test_upload_a_dataset_then_train_stop_and_find_it_in_the_library(site):
 
     # a long run, stopped: the adapter of the steps done joins the library
     client.predict("mosaic-upload", "stopped", "lora", 2, 5000, 1e-3, "", "nf4", "", api_name="/train_start")
+    deadline = time.time() + 300
     while studio.job().step < 2:
+        assert studio.job().status in ("starting", "running") and time.time() < deadline, studio.job()
         time.sleep(0.1)
     client.predict(api_name="/train_stop")
     studio.job().thread.join(120)
@@ -402,8 +404,8 @@ def test_the_webui_command_serves_locally_asks_for_auth_and_warns(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "sdlora", "webui", "--host", "0.0.0.0", "--port", str(_free_port()),
                              *common], stderr=subprocess.PIPE, text=True, env=env)
     try:
-        lines = []
-        while not any("serving" in line for line in lines) and proc.poll() is None:
+        lines, deadline = [], time.time() + 120
+        while not any("serving" in line for line in lines) and proc.poll() is None and time.time() < deadline:
             lines.append(proc.stderr.readline())  # the warning comes before the server starts
     finally:
         proc.terminate()
