@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from functools import wraps
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -55,201 +56,237 @@ def _names_dropdown(choices, **kwargs) -> gr.Dropdown:
     return gr.Dropdown(choices, allow_custom_value=True, **kwargs)
 
 
-def build(studio: Studio) -> gr.Blocks:
-    lim = studio.limits
+def _generate_tab(studio: Studio) -> SimpleNamespace:
+    """The Generate tab: prompt, settings, the adapter mixer, the gallery and the X/Y grid."""
+    lim, names = studio.limits, studio.library.names
     native = studio.base.native_size
-    names = studio.library.names
+    with gr.Tab("Generate"):
+        prompt = gr.Textbox(label="Prompt", lines=2, max_length=lim.max_prompt_chars, elem_id="prompt",
+                            placeholder="a red circle <lora:name:0.8>")
+        negative = gr.Textbox(label="Negative prompt", max_length=lim.max_prompt_chars)
+        with gr.Row():
+            seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
+            dice = gr.Button("Random seed", elem_id="dice", scale=0)
+            steps = gr.Slider(1, lim.max_steps, value=20, step=1, label="Steps")
+            guidance = gr.Slider(0, 30, value=5, step=0.5, label="Guidance")
+        with gr.Row():
+            width = gr.Slider(8, lim.max_side, value=native, step=8, label="Width")
+            height = gr.Slider(8, lim.max_side, value=native, step=8, label="Height")
+            scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Sampler")
+            num = gr.Slider(1, lim.max_images, value=1, step=1, label="Images")
+        gr.Markdown("Adapters (or `<lora:name:weight>` in the prompt)")
+        slot_fields = []
+        for i in range(SLOTS):
+            with gr.Row():
+                slot_fields += [
+                    _names_dropdown(names(), value=None, label=f"Adapter {i + 1}", elem_id=f"slot{i}-name"),
+                    gr.Slider(-lim.max_weight, lim.max_weight, value=1.0, step=0.05, label="UNet weight",
+                              elem_id=f"slot{i}-unet"),
+                    gr.Slider(-lim.max_weight, lim.max_weight, value=1.0, step=0.05, label="Text-encoder weight",
+                              elem_id=f"slot{i}-te"),
+                    gr.Checkbox(True, label="On", elem_id=f"slot{i}-on"),
+                    gr.Textbox(label="Block weights", placeholder="down=1, mid=1, up=1"),
+                    gr.Textbox(label="Step range", placeholder="0-20"),
+                ]
+        with gr.Row():
+            refresh = gr.Button("Refresh adapter list")
+            go = gr.Button("Generate", variant="primary", elem_id="generate")
+        gallery = gr.Gallery(label="Pictures", elem_id="gallery", columns=4, height=360, object_fit="contain")
+        with gr.Accordion("X/Y grid", open=False):
+            with gr.Row():
+                x_name = _names_dropdown(names(), label="X: adapter")
+                x_weights = gr.Textbox("0, 0.5, 1", label="X weights")
+                y_name = _names_dropdown(names(), label="Y: adapter")
+                y_weights = gr.Textbox("0, 0.5, 1", label="Y weights")
+            grid_go = gr.Button("Make grid")
+            grid = gr.Image(label="Grid", type="filepath")
 
+    return SimpleNamespace(prompt=prompt, negative=negative, seed=seed, dice=dice, steps=steps, guidance=guidance,
+                           width=width, height=height, scheduler=scheduler, num=num, slot_fields=slot_fields,
+                           refresh=refresh, go=go, gallery=gallery, x_name=x_name, x_weights=x_weights,
+                           y_name=y_name, y_weights=y_weights, grid_go=grid_go, grid=grid)
+
+
+def _train_tab(studio: Studio) -> SimpleNamespace:
+    """The Train tab: dataset, the settings of `sdlora train` (its defaults), progress and samples."""
+    with gr.Tab("Train"):
+        with gr.Row():
+            dataset = _names_dropdown(studio.datasets(), label="Dataset (folders under the data root)")
+            upload = gr.File(label="Or upload pictures and .txt captions", file_count="multiple")
+            upload_name = gr.Textbox(label="New dataset name")
+            upload_go = gr.Button("Add dataset")
+        with gr.Row():
+            t_name = gr.Textbox(label="Adapter name", value="my-style")
+            t_method = gr.Radio(list(TRAIN_METHODS), value=TrainConfig.method, label="Method")
+            # The defaults of `sdlora train` (TrainConfig), so the page and the CLI train alike.
+            t_rank = gr.Slider(1, 128, value=TrainConfig.rank, step=1, label="Rank")
+            t_steps = gr.Slider(1, 5000, value=TrainConfig.steps, step=1, label="Steps")
+            t_lr = gr.Number(TrainConfig.lr, label="Learning rate")
+        with gr.Row():
+            t_trigger = gr.Textbox(label="Trigger word (optional)")
+            t_quant = gr.Radio(list(BASE_QUANT), value=TrainConfig.quant, label="Base quantization")
+            t_prompt = gr.Textbox(label="Validation prompt (optional)")
+        with gr.Row():
+            t_start = gr.Button("Start training", variant="primary")
+            t_stop = gr.Button("Stop")
+        t_status = gr.Textbox(label="Status", interactive=False)
+        t_progress = gr.Slider(0, 100, value=0, label="Progress (%)", interactive=False)
+        t_loss = gr.LinePlot(x="step", y="loss", label="Loss", height=220)
+        t_samples = gr.Gallery(label="Validation pictures", columns=2)
+        timer = gr.Timer(1.0)
+
+    return SimpleNamespace(dataset=dataset, upload=upload, upload_name=upload_name, upload_go=upload_go,
+                           t_name=t_name, t_method=t_method, t_rank=t_rank, t_steps=t_steps, t_lr=t_lr,
+                           t_trigger=t_trigger, t_quant=t_quant, t_prompt=t_prompt, t_start=t_start, t_stop=t_stop,
+                           t_status=t_status, t_progress=t_progress, t_loss=t_loss, t_samples=t_samples, timer=timer)
+
+
+def _adapters_tab(studio: Studio) -> SimpleNamespace:
+    """The Adapters tab: the library table, inspect, export, merge, rename, delete."""
+    names = studio.library.names
+    with gr.Tab("Adapters"):
+        table = gr.Dataframe(headers=LibraryEntry.columns(), interactive=False, label="Library")
+        with gr.Row():
+            chosen = _names_dropdown(names(), label="Adapter")
+            inspect_go = gr.Button("Inspect")
+        details = gr.Code(label="Details", language="json", interactive=False)  # text, never HTML
+        with gr.Row():
+            fmt = gr.Radio(["kohya", "diffusers", "sdlora"], value="kohya", label="Export as")
+            export_go = gr.Button("Export")
+        with gr.Row():
+            merge_names = _names_dropdown(names(), multiselect=True, label="Merge these")
+            merge_weights = gr.Textbox(label="with weights", placeholder="1, 1")
+            merge_name = gr.Textbox(label="into")
+            merge_go = gr.Button("Merge")
+        with gr.Row():
+            new_name = gr.Textbox(label="Rename to")
+            rename_go = gr.Button("Rename")
+            confirm = gr.Textbox(label="Type the name to delete it")
+            delete_go = gr.Button("Delete", variant="stop")
+        message = gr.Textbox(label="Result", interactive=False)
+
+    return SimpleNamespace(table=table, chosen=chosen, inspect_go=inspect_go, details=details, fmt=fmt,
+                           export_go=export_go, merge_names=merge_names, merge_weights=merge_weights,
+                           merge_name=merge_name, merge_go=merge_go, new_name=new_name, rename_go=rename_go,
+                           confirm=confirm, delete_go=delete_go, message=message)
+
+
+def _wire_generate(studio: Studio, page: gr.Blocks, g: SimpleNamespace, listing, listing_outputs) -> None:
+    """The library listing (refresh, page load), the seed dice, generate and the X/Y grid."""
+    g.refresh.click(listing, None, listing_outputs, api_name="library")
+    page.load(listing, None, listing_outputs, api_name=False)
+    g.dice.click(lambda: random.randrange(2**32), None, g.seed, api_name="dice")
+
+    @_user_errors
+    def do_generate(prompt, negative, seed, steps, guidance, width, height, scheduler, num, *slot_values):
+        return studio.generate(prompt, _slots(slot_values), negative=negative, seed=int(seed), steps=int(steps),
+                               guidance=guidance, width=int(width), height=int(height), scheduler=scheduler,
+                               num=int(num))
+
+    settings_inputs = [g.prompt, g.negative, g.seed, g.steps, g.guidance, g.width, g.height, g.scheduler, g.num]
+    g.go.click(do_generate, settings_inputs + g.slot_fields, g.gallery, api_name="generate")
+
+    @_user_errors
+    def do_grid(xn, xw, yn, yw, prompt, negative, seed, steps, guidance, width, height, scheduler, num,
+                *slot_values):
+        return str(studio.xy_grid(prompt, _slots(slot_values), xn, _weights(xw), yn, _weights(yw),
+                                  negative=negative, seed=int(seed), steps=int(steps), guidance=guidance,
+                                  width=int(width), height=int(height), scheduler=scheduler))
+
+    g.grid_go.click(do_grid, [g.x_name, g.x_weights, g.y_name, g.y_weights] + settings_inputs + g.slot_fields, g.grid,
+                    api_name="xy_grid")
+
+
+def _wire_train(studio: Studio, t: SimpleNamespace) -> None:
+    """Dataset upload, start, stop and the once-a-second progress poll."""
+    @_user_errors
+    def do_upload(files, name):
+        added = studio.add_dataset(name, [f if isinstance(f, str) else f.name for f in (files or [])])
+        return gr.update(choices=studio.datasets(), value=added)
+
+    t.upload_go.click(do_upload, [t.upload, t.upload_name], t.dataset, api_name="add_dataset")
+
+    @_user_errors
+    def do_start(dataset, name, method, rank, steps, lr, trigger, quant, val_prompt):
+        job = studio.start_training(dataset, name, method=method, rank=int(rank), steps=int(steps), lr=float(lr),
+                                    trigger=trigger or None, quant=quant,
+                                    validation_prompts=(val_prompt,) if val_prompt else None,
+                                    validate_every=max(1, int(steps) // 4) if val_prompt else None)
+        return f"{job.status}: {job.name}"
+
+    t.t_start.click(do_start, [t.dataset, t.t_name, t.t_method, t.t_rank, t.t_steps, t.t_lr, t.t_trigger, t.t_quant,
+                               t.t_prompt], t.t_status, api_name="train_start")
+    t.t_stop.click(lambda: studio.stop_training() or "stopping", None, t.t_status, api_name="train_stop")
+
+    def poll():
+        import pandas as pd
+
+        job = studio.job()
+        if job is None:
+            return "no training run yet", 0, pd.DataFrame({"step": [], "loss": []}), []
+        text = f"{job.status}: {job.name}, step {job.step}/{job.total}"
+        text += f" - {job.error}" if job.error else (f" - in the library as {job.adapter}" if job.adapter else "")
+        losses = pd.DataFrame({"step": list(range(1, len(job.losses) + 1)), "loss": list(job.losses)})
+        return text, 100 * job.step / max(1, job.total), losses, [str(p) for p in job.samples()]
+
+    t.timer.tick(poll, None, [t.t_status, t.t_progress, t.t_loss, t.t_samples], api_name="train_status")
+
+
+def _wire_adapters(studio: Studio, a: SimpleNamespace, listing, listing_outputs) -> None:
+    """Inspect, export, merge, rename, delete; the listing refreshes after each change."""
+    @_user_errors
+    def do_inspect(name):
+        return json.dumps(studio.library.inspect(name), indent=2, sort_keys=True, default=str)
+
+    a.inspect_go.click(do_inspect, a.chosen, a.details, api_name="inspect")
+
+    @_user_errors
+    def do_export(name, fmt):
+        return f"exported as {studio.library.export(name, fmt, studio.base)}"
+
+    a.export_go.click(do_export, [a.chosen, a.fmt], a.message, api_name="export")
+
+    @_user_errors
+    def do_merge(chosen_names, weights, new):
+        weights = _weights(weights) if weights and weights.strip() else [1.0] * len(chosen_names or [])
+        if len(weights) != len(chosen_names or []):
+            raise SdloraError(f"{len(chosen_names or [])} adapters but {len(weights)} weights", "give one each")
+        return f"merged into {studio.library.merge(list(zip(chosen_names, weights)), new, studio.base)}"
+
+    a.merge_go.click(do_merge, [a.merge_names, a.merge_weights, a.merge_name], a.message, api_name="merge")
+
+    @_user_errors
+    def do_rename(name, new):
+        return f"renamed to {studio.library.rename(name, new)}"
+
+    a.rename_go.click(do_rename, [a.chosen, a.new_name], a.message, api_name="rename")
+
+    @_user_errors
+    def do_delete(name, typed):
+        studio.library.delete(name, typed)
+        return f"deleted {name}"
+
+    a.delete_go.click(do_delete, [a.chosen, a.confirm], a.message, api_name="delete")
+    for button in (a.export_go, a.merge_go, a.rename_go, a.delete_go):
+        button.click(listing, None, listing_outputs, api_name=False)
+
+
+def build(studio: Studio) -> gr.Blocks:
+    """The page: three tabs, then their wiring (events registered in this order, as the API lists them)."""
     with gr.Blocks(title="sdlora") as page:
         gr.Markdown("# sdlora")
-        with gr.Tab("Generate"):
-            prompt = gr.Textbox(label="Prompt", lines=2, max_length=lim.max_prompt_chars, elem_id="prompt",
-                                placeholder="a red circle <lora:name:0.8>")
-            negative = gr.Textbox(label="Negative prompt", max_length=lim.max_prompt_chars)
-            with gr.Row():
-                seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
-                dice = gr.Button("Random seed", elem_id="dice", scale=0)
-                steps = gr.Slider(1, lim.max_steps, value=20, step=1, label="Steps")
-                guidance = gr.Slider(0, 30, value=5, step=0.5, label="Guidance")
-            with gr.Row():
-                width = gr.Slider(8, lim.max_side, value=native, step=8, label="Width")
-                height = gr.Slider(8, lim.max_side, value=native, step=8, label="Height")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Sampler")
-                num = gr.Slider(1, lim.max_images, value=1, step=1, label="Images")
-            gr.Markdown("Adapters (or `<lora:name:weight>` in the prompt)")
-            slot_fields = []
-            for i in range(SLOTS):
-                with gr.Row():
-                    slot_fields += [
-                        _names_dropdown(names(), value=None, label=f"Adapter {i + 1}", elem_id=f"slot{i}-name"),
-                        gr.Slider(-lim.max_weight, lim.max_weight, value=1.0, step=0.05, label="UNet weight",
-                                  elem_id=f"slot{i}-unet"),
-                        gr.Slider(-lim.max_weight, lim.max_weight, value=1.0, step=0.05, label="Text-encoder weight",
-                                  elem_id=f"slot{i}-te"),
-                        gr.Checkbox(True, label="On", elem_id=f"slot{i}-on"),
-                        gr.Textbox(label="Block weights", placeholder="down=1, mid=1, up=1"),
-                        gr.Textbox(label="Step range", placeholder="0-20"),
-                    ]
-            with gr.Row():
-                refresh = gr.Button("Refresh adapter list")
-                go = gr.Button("Generate", variant="primary", elem_id="generate")
-            gallery = gr.Gallery(label="Pictures", elem_id="gallery", columns=4, height=360, object_fit="contain")
-            with gr.Accordion("X/Y grid", open=False):
-                with gr.Row():
-                    x_name = _names_dropdown(names(), label="X: adapter")
-                    x_weights = gr.Textbox("0, 0.5, 1", label="X weights")
-                    y_name = _names_dropdown(names(), label="Y: adapter")
-                    y_weights = gr.Textbox("0, 0.5, 1", label="Y weights")
-                grid_go = gr.Button("Make grid")
-                grid = gr.Image(label="Grid", type="filepath")
-
-        with gr.Tab("Train"):
-            with gr.Row():
-                dataset = _names_dropdown(studio.datasets(), label="Dataset (folders under the data root)")
-                upload = gr.File(label="Or upload pictures and .txt captions", file_count="multiple")
-                upload_name = gr.Textbox(label="New dataset name")
-                upload_go = gr.Button("Add dataset")
-            with gr.Row():
-                t_name = gr.Textbox(label="Adapter name", value="my-style")
-                t_method = gr.Radio(list(TRAIN_METHODS), value=TrainConfig.method, label="Method")
-                # The defaults of `sdlora train` (TrainConfig), so the page and the CLI train alike.
-                t_rank = gr.Slider(1, 128, value=TrainConfig.rank, step=1, label="Rank")
-                t_steps = gr.Slider(1, 5000, value=TrainConfig.steps, step=1, label="Steps")
-                t_lr = gr.Number(TrainConfig.lr, label="Learning rate")
-            with gr.Row():
-                t_trigger = gr.Textbox(label="Trigger word (optional)")
-                t_quant = gr.Radio(list(BASE_QUANT), value=TrainConfig.quant, label="Base quantization")
-                t_prompt = gr.Textbox(label="Validation prompt (optional)")
-            with gr.Row():
-                t_start = gr.Button("Start training", variant="primary")
-                t_stop = gr.Button("Stop")
-            t_status = gr.Textbox(label="Status", interactive=False)
-            t_progress = gr.Slider(0, 100, value=0, label="Progress (%)", interactive=False)
-            t_loss = gr.LinePlot(x="step", y="loss", label="Loss", height=220)
-            t_samples = gr.Gallery(label="Validation pictures", columns=2)
-            timer = gr.Timer(1.0)
-
-        with gr.Tab("Adapters"):
-            table = gr.Dataframe(headers=LibraryEntry.columns(), interactive=False, label="Library")
-            with gr.Row():
-                chosen = _names_dropdown(names(), label="Adapter")
-                inspect_go = gr.Button("Inspect")
-            details = gr.Code(label="Details", language="json", interactive=False)  # text, never HTML
-            with gr.Row():
-                fmt = gr.Radio(["kohya", "diffusers", "sdlora"], value="kohya", label="Export as")
-                export_go = gr.Button("Export")
-            with gr.Row():
-                merge_names = _names_dropdown(names(), multiselect=True, label="Merge these")
-                merge_weights = gr.Textbox(label="with weights", placeholder="1, 1")
-                merge_name = gr.Textbox(label="into")
-                merge_go = gr.Button("Merge")
-            with gr.Row():
-                new_name = gr.Textbox(label="Rename to")
-                rename_go = gr.Button("Rename")
-                confirm = gr.Textbox(label="Type the name to delete it")
-                delete_go = gr.Button("Delete", variant="stop")
-            message = gr.Textbox(label="Result", interactive=False)
-
-        # ---- wiring ------------------------------------------------------------------------------
-        name_dropdowns = [slot_fields[i * SLOT_FIELDS] for i in range(SLOTS)] + [x_name, y_name, chosen]
+        g, t, a = _generate_tab(studio), _train_tab(studio), _adapters_tab(studio)
+        name_dropdowns = [g.slot_fields[i * SLOT_FIELDS] for i in range(SLOTS)] + [g.x_name, g.y_name, a.chosen]
 
         def listing():
             rows = [e.row() for e in studio.library.entries()]
             choices = studio.library.names()
             return [rows] + [gr.update(choices=choices) for _ in name_dropdowns] + [gr.update(choices=choices)]
 
-        listing_outputs = [table, *name_dropdowns, merge_names]
-        refresh.click(listing, None, listing_outputs, api_name="library")
-        page.load(listing, None, listing_outputs, api_name=False)
-
-        dice.click(lambda: random.randrange(2**32), None, seed, api_name="dice")
-
-        @_user_errors
-        def do_generate(prompt, negative, seed, steps, guidance, width, height, scheduler, num, *slot_values):
-            return studio.generate(prompt, _slots(slot_values), negative=negative, seed=int(seed), steps=int(steps),
-                                   guidance=guidance, width=int(width), height=int(height), scheduler=scheduler,
-                                   num=int(num))
-
-        settings_inputs = [prompt, negative, seed, steps, guidance, width, height, scheduler, num]
-        go.click(do_generate, settings_inputs + slot_fields, gallery, api_name="generate")
-
-        @_user_errors
-        def do_grid(xn, xw, yn, yw, prompt, negative, seed, steps, guidance, width, height, scheduler, num,
-                    *slot_values):
-            return str(studio.xy_grid(prompt, _slots(slot_values), xn, _weights(xw), yn, _weights(yw),
-                                      negative=negative, seed=int(seed), steps=int(steps), guidance=guidance,
-                                      width=int(width), height=int(height), scheduler=scheduler))
-
-        grid_go.click(do_grid, [x_name, x_weights, y_name, y_weights] + settings_inputs + slot_fields, grid,
-                      api_name="xy_grid")
-
-        @_user_errors
-        def do_upload(files, name):
-            added = studio.add_dataset(name, [f if isinstance(f, str) else f.name for f in (files or [])])
-            return gr.update(choices=studio.datasets(), value=added)
-
-        upload_go.click(do_upload, [upload, upload_name], dataset, api_name="add_dataset")
-
-        @_user_errors
-        def do_start(dataset, name, method, rank, steps, lr, trigger, quant, val_prompt):
-            job = studio.start_training(dataset, name, method=method, rank=int(rank), steps=int(steps), lr=float(lr),
-                                        trigger=trigger or None, quant=quant,
-                                        validation_prompts=(val_prompt,) if val_prompt else None,
-                                        validate_every=max(1, int(steps) // 4) if val_prompt else None)
-            return f"{job.status}: {job.name}"
-
-        t_start.click(do_start, [dataset, t_name, t_method, t_rank, t_steps, t_lr, t_trigger, t_quant, t_prompt],
-                      t_status, api_name="train_start")
-        t_stop.click(lambda: studio.stop_training() or "stopping", None, t_status, api_name="train_stop")
-
-        def poll():
-            import pandas as pd
-
-            job = studio.job()
-            if job is None:
-                return "no training run yet", 0, pd.DataFrame({"step": [], "loss": []}), []
-            text = f"{job.status}: {job.name}, step {job.step}/{job.total}"
-            text += f" - {job.error}" if job.error else (f" - in the library as {job.adapter}" if job.adapter else "")
-            losses = pd.DataFrame({"step": list(range(1, len(job.losses) + 1)), "loss": list(job.losses)})
-            return text, 100 * job.step / max(1, job.total), losses, [str(p) for p in job.samples()]
-
-        timer.tick(poll, None, [t_status, t_progress, t_loss, t_samples], api_name="train_status")
-
-        @_user_errors
-        def do_inspect(name):
-            return json.dumps(studio.library.inspect(name), indent=2, sort_keys=True, default=str)
-
-        inspect_go.click(do_inspect, chosen, details, api_name="inspect")
-
-        @_user_errors
-        def do_export(name, fmt):
-            return f"exported as {studio.library.export(name, fmt, studio.base)}"
-
-        export_go.click(do_export, [chosen, fmt], message, api_name="export")
-
-        @_user_errors
-        def do_merge(chosen_names, weights, new):
-            weights = _weights(weights) if weights and weights.strip() else [1.0] * len(chosen_names or [])
-            if len(weights) != len(chosen_names or []):
-                raise SdloraError(f"{len(chosen_names or [])} adapters but {len(weights)} weights", "give one each")
-            return f"merged into {studio.library.merge(list(zip(chosen_names, weights)), new, studio.base)}"
-
-        merge_go.click(do_merge, [merge_names, merge_weights, merge_name], message, api_name="merge")
-
-        @_user_errors
-        def do_rename(name, new):
-            return f"renamed to {studio.library.rename(name, new)}"
-
-        rename_go.click(do_rename, [chosen, new_name], message, api_name="rename")
-
-        @_user_errors
-        def do_delete(name, typed):
-            studio.library.delete(name, typed)
-            return f"deleted {name}"
-
-        delete_go.click(do_delete, [chosen, confirm], message, api_name="delete")
-        for button in (export_go, merge_go, rename_go, delete_go):
-            button.click(listing, None, listing_outputs, api_name=False)
+        listing_outputs = [a.table, *name_dropdowns, a.merge_names]
+        _wire_generate(studio, page, g, listing, listing_outputs)
+        _wire_train(studio, t)
+        _wire_adapters(studio, a, listing, listing_outputs)
     return page
 
 

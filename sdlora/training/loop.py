@@ -11,7 +11,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -102,18 +102,48 @@ def enable_unet_checkpointing(unet) -> None:
     unet.enable_gradient_checkpointing(checkpoint_in_context)
 
 
-def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=None) -> TrainResult:
-    """Run the training `cfg` describes. `on_step(step, total, loss)` is called after every optimizer
-    step (the web UI's progress and loss chart); when `should_stop()` turns true the run ends after
-    the current step and writes the adapter as it is then (the summary records the steps done)."""
+@dataclass
+class _Run:
+    """Everything one training run holds between its steps (set up once, then advanced step by step)."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    ckpt_dir: Path
+    accelerator: object
+    precision: str
+    base: object
+    items: list
+    held_out: list[int]
+    train_items: list[int]
+    latents_cache: list
+    sampler: BucketSampler
+    texts: TextEmbeddings
+    optimizer: object
+    schedule: object
+    noise_scheduler: object
+    scaling: float
+    gen: torch.Generator
+    rng: random.Random
+    mix: Mix
+    trained: dict  # "role/module.param" -> the adapter's trainable parameters
+    ema: dict  # the same keys -> their exponential moving average (empty without ema_decay)
+    losses: list = field(default_factory=list)
+    val_losses: list = field(default_factory=list)
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    held_out_hidden: object = None
+    log: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from tqdm.auto import tqdm
 
-    t0 = time.time()
-    out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    _check_out_dir(cfg, out_dir, ckpt_dir)
     # accelerate keeps its settings in a process-wide singleton: a second run in one process (the web UI,
     # tests) with another precision would be refused, so that part is cleared; the process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -122,9 +152,17 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
     precision = cfg.mixed_precision if accelerator.native_amp else "no"
     if precision != cfg.mixed_precision:  # accelerate has no fp16 autocast on the CPU
         warnings.warn(f"mixed precision {cfg.mixed_precision} is not supported on {accelerator.device.type}; "
-                      "training runs in fp32 (bf16 is)", UserWarning, stacklevel=2)
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
+                      "training runs in fp32 (bf16 is)", UserWarning, stacklevel=4)
+    return accelerator, precision
+
+
+def _setup(cfg: TrainConfig) -> _Run:
+    """Check the output folder, scan the data, load and quantize the base, add the adapter, cache the
+    latents and build the optimizer: everything before the first step."""
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    _check_out_dir(cfg, out_dir, ckpt_dir)
+    accelerator, precision = _accelerator(cfg)
     torch.manual_seed(cfg.seed)
     items = preflight(cfg.data_dir, skip_bad=cfg.skip_bad_images)
     held_out = holdout_indices(len(items), cfg.validation_split, cfg.seed)
@@ -139,14 +177,12 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
     if cfg.gradient_checkpointing:
         enable_unet_checkpointing(pipe.unet)
 
-    resolution = cfg.resolution or base.native_size
-    buckets = make_buckets(resolution, _bucket_step(pipe))
+    buckets = make_buckets(cfg.resolution or base.native_size, _bucket_step(pipe))
     item_buckets = [nearest_bucket(item.size, buckets) for item in items]
     latents_cache = _cache_latents(pipe, items, item_buckets)
     train_items = sorted(set(range(len(items))) - set(held_out))
     sampler = BucketSampler([item_buckets[i] for i in train_items], cfg.batch_size, cfg.seed, cfg.repeats)
     texts = TextEmbeddings(pipe, trainable=cfg.text_encoder, device=accelerator.device)
-    held_out_hidden = None
 
     layers = {f"{role}/{path}": layer for role, model in base.models().items()
               for path, layer in adapter_layers(model).items()}
@@ -154,130 +190,166 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
                                accelerator.device)
     optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the schedule steps once per step here
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    noise_scheduler = training_scheduler(base)
-    scaling = float(pipe.vae.config.scaling_factor)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    mix = Mix({cfg.name: 1.0})
-
     trained = {f"{key}.{pname}": p for key, layer in layers.items() if cfg.name in layer.adapters
                for pname, p in layer.adapters[cfg.name].named_parameters()}
     # The exponential moving average of the adapter, saved in checkpoints too so resume stays exact.
     ema = {k: p.detach().clone() for k, p in trained.items()} if cfg.ema_decay else {}
-    losses: list[float] = []
-    val_losses: list[tuple[int, float]] = []
-    step = epoch = batch_index = 0
-    if cfg.resume:
-        tensors, state = load_checkpoint(latest_checkpoint(ckpt_dir))
+    return _Run(cfg, out_dir, ckpt_dir, accelerator, precision, base, items, held_out, train_items, latents_cache,
+                sampler, texts, optimizer, schedule, training_scheduler(base), float(pipe.vae.config.scaling_factor),
+                torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed), Mix({cfg.name: 1.0}), trained, ema)
+
+
+def _resume(run: _Run) -> None:
+    """Adapter, EMA, optimizer moments, schedule, RNG states and data position from the newest checkpoint."""
+    tensors, state = load_checkpoint(latest_checkpoint(run.ckpt_dir))
+    with torch.no_grad():
+        for key, p in run.trained.items():
+            p.copy_(tensors[f"adapter/{key}"])
+        for key, e in run.ema.items():
+            e.copy_(tensors[f"adapter/ema.{key}"])
+    restore_optimizer(run.optimizer, tensors, state)
+    run.schedule.load_state_dict(state["scheduler"])
+    restore_rngs(tensors, state, run.gen, run.rng)
+    run.step, run.losses = state["step"], list(state["losses"])
+    run.val_losses = [tuple(v) for v in state.get("val_losses", [])]
+    run.epoch, run.batch_index = state["position"]["epoch"], state["position"]["batch"]
+
+
+def _validate(run: _Run, at_step: int) -> None:
+    """Held-out loss and validation pictures (main process; the others wait)."""
+    cfg, base = run.cfg, run.base
+    if run.main and run.held_out:
+        if run.held_out_hidden is None or cfg.text_encoder:  # a trained encoder's outputs change: redo them
+            with torch.no_grad(), base.mixer.apply(run.mix, mode="unfused"):  # captions as trained, unshuffled
+                run.held_out_hidden = run.texts([process_caption(run.items[i].caption, random.Random(0), cfg.trigger)
+                                                 for i in run.held_out])
+        value = validation_loss(base, cfg.name, [run.latents_cache[i][0] for i in run.held_out], run.held_out_hidden,
+                                run.noise_scheduler, run.scaling, cfg.seed)
+        run.val_losses.append((at_step, value))
+        run.log.validation(at_step, value)
+    if run.main and cfg.validation_prompts:
+        run.log.picture(at_step, validation_grid(base, cfg.name, cfg.validation_prompts, cfg.validation_seeds,
+                                                 at_step, run.out_dir))
+    run.accelerator.wait_for_everyone()
+
+
+def _batch_loss(run: _Run, batch: list[int]) -> float:
+    """Forward and backward of one batch (this process's rows); returns the whole batch's mean loss."""
+    cfg, accelerator = run.cfg, run.accelerator
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # The whole global batch's randomness is drawn on every process; each keeps its rows.
+    captions = [process_caption(run.items[i].caption, run.rng, cfg.trigger, cfg.shuffle_tags, cfg.keep_tokens,
+                                cfg.caption_dropout) for i in batch]
+    mean = torch.stack([run.latents_cache[i][0] for i in batch])  # (B, C, h, w)
+    std = torch.stack([run.latents_cache[i][1] for i in batch])
+    latents = (mean + std * torch.randn(mean.shape, generator=run.gen)) * run.scaling
+    noise = noise_like(latents, run.gen, cfg.noise_offset)
+    t = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (len(batch),), generator=run.gen)
+    mine = local_rows(len(batch), rank, world)
+    latents, noise, t = latents[mine].to(accelerator.device), noise[mine].to(accelerator.device), t[mine]
+    share = torch.zeros((), device=accelerator.device)  # stays 0 on a process with no rows
+    if len(t):
+        with accelerator.autocast(), run.base.mixer.apply(run.mix, mode="unfused"):
+            noisy = run.noise_scheduler.add_noise(latents, noise, t.to(latents.device))
+            pred = run.base.pipe.unet(noisy, t.to(latents.device), run.texts(captions[mine])).sample
+            # This process's share of the batch mean: summed over processes it is the mean.
+            share = diffusion_loss(pred, target_for(run.noise_scheduler, latents, noise, t),
+                                   loss_weights(run.noise_scheduler, t, cfg.min_snr_gamma)) * len(t) / len(batch)
+            accelerator.backward(share / cfg.grad_accum)
+    return sum_over_processes(share.detach(), accelerator).item()
+
+
+def _optimizer_step(run: _Run, batches: list) -> tuple[float, list]:
+    """One optimizer step over grad_accum batches (gradients summed), then the schedule and the EMA.
+    `batches` is the current epoch's order; returns the step's loss and the (maybe next epoch's) order."""
+    cfg = run.cfg
+    step_loss = 0.0
+    for _ in range(cfg.grad_accum):
+        if run.batch_index >= len(batches):
+            run.epoch, run.batch_index = run.epoch + 1, 0
+            batches = run.sampler.batches(run.epoch)
+        batch = [run.train_items[i] for i in batches[run.batch_index]]
+        run.batch_index += 1
+        batch_loss = _batch_loss(run, batch)
+        if not math.isfinite(batch_loss):
+            names = ", ".join(run.items[i].image.name for i in batch)
+            raise SdloraError(f"the loss became {batch_loss} at step {run.step} on {names}",
+                              "lower --lr, check those pictures, or resume from the last checkpoint")
+        step_loss += batch_loss / cfg.grad_accum
+    sum_gradients(list(run.trained.values()), run.accelerator)
+    run.optimizer.step()
+    run.schedule.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema:
         with torch.no_grad():
-            for key, p in trained.items():
-                p.copy_(tensors[f"adapter/{key}"])
-            for key, e in ema.items():
-                e.copy_(tensors[f"adapter/ema.{key}"])
-        restore_optimizer(optimizer, tensors, state)
-        schedule.load_state_dict(state["scheduler"])
-        restore_rngs(tensors, state, gen, rng)
-        step, losses = state["step"], list(state["losses"])
-        val_losses = [tuple(v) for v in state.get("val_losses", [])]
-        epoch, batch_index = state["position"]["epoch"], state["position"]["batch"]
+            for key, e in run.ema.items():
+                e.mul_(cfg.ema_decay).add_(run.trained[key].detach(), alpha=1 - cfg.ema_decay)
+    run.losses.append(step_loss)
+    run.step += 1
+    return step_loss, batches
 
-    def validate(at_step: int) -> None:
-        """Held-out loss and validation pictures (main process; the others wait)."""
-        nonlocal held_out_hidden
-        if main and held_out:
-            if held_out_hidden is None or cfg.text_encoder:  # a trained encoder's outputs change: redo them
-                with torch.no_grad(), base.mixer.apply(mix, mode="unfused"):  # captions as trained, unshuffled
-                    held_out_hidden = texts([process_caption(items[i].caption, random.Random(0), cfg.trigger)
-                                             for i in held_out])
-            value = validation_loss(base, cfg.name, [latents_cache[i][0] for i in held_out], held_out_hidden,
-                                    noise_scheduler, scaling, cfg.seed)
-            val_losses.append((at_step, value))
-            log.validation(at_step, value)
-        if main and cfg.validation_prompts:
-            log.picture(at_step, validation_grid(base, cfg.name, cfg.validation_prompts, cfg.validation_seeds,
-                                                 at_step, out_dir))
-        accelerator.wait_for_everyone()
 
+def _checkpoint(run: _Run) -> None:
+    if run.main:
+        run.log.flush()
+        save_checkpoint(run.ckpt_dir, run.step, {**run.trained, **{f"ema.{k}": e for k, e in run.ema.items()}},
+                        run.optimizer, run.schedule, run.gen, run.rng, {"epoch": run.epoch, "batch": run.batch_index},
+                        {"losses": run.losses, "val_losses": run.val_losses}, run.cfg.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+
+
+def _finish(run: _Run, t0: float) -> TrainResult:
+    """The EMA into the adapter (if any), the last validation, and the adapter file with its summary."""
+    cfg, pipe = run.cfg, run.base.pipe
+    if run.ema:
+        with torch.no_grad():
+            for key, e in run.ema.items():
+                run.trained[key].copy_(e)  # the written adapter is the average
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    _validate(run, run.step)
+    run.log.close()
+    summary = {**asdict(cfg), "steps_done": run.step, "epochs": run.epoch, "pictures": len(run.train_items),
+               "held_out": len(run.held_out), "final_loss": run.losses[-1],
+               "processes": run.accelerator.num_processes, "precision": run.precision,
+               "final_val_loss": run.val_losses[-1][1] if run.val_losses else None,
+               "seconds": round(time.time() - t0, 1)}
+    path = run.out_dir / f"{cfg.name}.safetensors"
+    if run.main:
+        save_adapter(run.base, cfg.name, path, "sdlora", trigger_words=[cfg.trigger] if cfg.trigger else [],
+                     training=summary)
+    run.accelerator.wait_for_everyone()
+    return TrainResult(path, run.losses, time.time() - t0)
+
+
+def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=None) -> TrainResult:
+    """Run the training `cfg` describes. `on_step(step, total, loss)` is called after every optimizer
+    step (the web UI's progress and loss chart); when `should_stop()` turns true the run ends after
+    the current step and writes the adapter as it is then (the summary records the steps done)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    run = _setup(cfg)
+    if cfg.resume:
+        _resume(run)
+    pipe = run.base.pipe
     pipe.unet.train()
     pipe.text_encoder.train(cfg.text_encoder)
-    params = list(trained.values())
-    log = TrainLog(out_dir / "logs", losses, val_losses, enabled=main)
-    bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=not (progress and main))
-    batches = sampler.batches(epoch)
-    while step < cfg.steps:
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):  # one optimizer step: grad_accum batches, gradients summed
-            if batch_index >= len(batches):
-                epoch, batch_index = epoch + 1, 0
-                batches = sampler.batches(epoch)
-            batch = [train_items[i] for i in batches[batch_index]]
-            batch_index += 1
-            # The whole global batch's randomness is drawn on every process; each keeps its rows.
-            captions = [process_caption(items[i].caption, rng, cfg.trigger, cfg.shuffle_tags, cfg.keep_tokens,
-                                        cfg.caption_dropout) for i in batch]
-            mean = torch.stack([latents_cache[i][0] for i in batch])  # (B, 4, h, w)
-            std = torch.stack([latents_cache[i][1] for i in batch])
-            latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
-            noise = noise_like(latents, gen, cfg.noise_offset)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=gen)
-            mine = local_rows(len(batch), rank, world)
-            latents, noise, t = latents[mine].to(accelerator.device), noise[mine].to(accelerator.device), t[mine]
-            share = torch.zeros((), device=accelerator.device)  # stays 0 on a process with no rows
-            if len(t):
-                with accelerator.autocast(), base.mixer.apply(mix, mode="unfused"):
-                    noisy = noise_scheduler.add_noise(latents, noise, t.to(latents.device))
-                    pred = pipe.unet(noisy, t.to(latents.device), texts(captions[mine])).sample
-                    # This process's share of the batch mean: summed over processes it is the mean.
-                    share = diffusion_loss(pred, target_for(noise_scheduler, latents, noise, t),
-                                           loss_weights(noise_scheduler, t, cfg.min_snr_gamma)) * len(t) / len(batch)
-                    accelerator.backward(share / cfg.grad_accum)
-            batch_loss = sum_over_processes(share.detach(), accelerator).item()
-            if not math.isfinite(batch_loss):
-                names = ", ".join(items[i].image.name for i in batch)
-                raise SdloraError(f"the loss became {batch_loss} at step {step} on {names}",
-                                  "lower --lr, check those pictures, or resume from the last checkpoint")
-            step_loss += batch_loss / cfg.grad_accum
-        sum_gradients(params, accelerator)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema:
-            with torch.no_grad():
-                for key, e in ema.items():
-                    e.mul_(cfg.ema_decay).add_(trained[key].detach(), alpha=1 - cfg.ema_decay)
-        losses.append(step_loss)
-        step += 1
-        log.step(step, epoch, step_loss, schedule.get_last_lr()[0])
+    run.log = TrainLog(run.out_dir / "logs", run.losses, run.val_losses, enabled=run.main)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="training", unit="step", disable=not (progress and run.main))
+    batches = run.sampler.batches(run.epoch)
+    while run.step < cfg.steps:
+        step_loss, batches = _optimizer_step(run, batches)
+        run.log.step(run.step, run.epoch, step_loss, run.schedule.get_last_lr()[0])
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         if on_step:
-            on_step(step, cfg.steps, step_loss)
+            on_step(run.step, cfg.steps, step_loss)
         if should_stop and should_stop():
             break
-        if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:
-            validate(step)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            if main:
-                log.flush()
-                save_checkpoint(ckpt_dir, step, {**trained, **{f"ema.{k}": e for k, e in ema.items()}},
-                                optimizer, schedule, gen, rng, {"epoch": epoch, "batch": batch_index},
-                                {"losses": losses, "val_losses": val_losses}, cfg.keep_checkpoints)
-            accelerator.wait_for_everyone()
+        if cfg.validate_every and run.step % cfg.validate_every == 0 and run.step < cfg.steps:
+            _validate(run, run.step)
+        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
+            _checkpoint(run)
     bar.close()
-    if ema:
-        with torch.no_grad():
-            for key, e in ema.items():
-                trained[key].copy_(e)  # the written adapter is the average
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
-    validate(step)
-    log.close()
-    summary = {**asdict(cfg), "steps_done": step, "epochs": epoch, "pictures": len(train_items),
-               "held_out": len(held_out), "final_loss": losses[-1], "processes": world, "precision": precision,
-               "final_val_loss": val_losses[-1][1] if val_losses else None, "seconds": round(time.time() - t0, 1)}
-    path = out_dir / f"{cfg.name}.safetensors"
-    if main:
-        save_adapter(base, cfg.name, path, "sdlora", trigger_words=[cfg.trigger] if cfg.trigger else [],
-                     training=summary)
-    accelerator.wait_for_everyone()
-    return TrainResult(path, losses, time.time() - t0)
+    return _finish(run, t0)
