@@ -1,11 +1,11 @@
 """Which embedded base ships: tests written for the v2 base of issue 13 wait for it."""
 
 import json
-from pathlib import Path
 
-BUILD = Path(__file__).resolve().parents[1] / "samples" / "embedded" / "BUILD.json"
+from sdlora.pipelines import embedded_path
 
 
 def base_v2() -> bool:
-    """samples/embedded is the v2 base (texture-corpus VAE); BUILD.json of v1 has no base_version."""
-    return json.loads(BUILD.read_text()).get("base_version", 1) >= 2
+    """The embedded base ($SDLORA_EMBEDDED, else samples/embedded) is v2 (texture-corpus VAE); v1's BUILD.json
+    has no base_version. With SDLORA_EMBEDDED pointing at a built v2 folder, its tests run against it."""
+    return json.loads((embedded_path() / "BUILD.json").read_text()).get("base_version", 1) >= 2
