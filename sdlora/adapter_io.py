@@ -17,13 +17,12 @@ import torch
 from .adapters import DoraAdapter, LoraAdapter, VeraAdapter
 from .adapters.delta import DeltaAdapter
 from .adapters.layer import AdapterLayer, geometry_of
+from .choices import FILE_FORMATS
 from .errors import SdloraError
 from .formats import kohya, native, peft
 from .formats.adapter import AdapterFile, ModuleWeights
 from .formats.io import read_safetensors, write_safetensors
 from .inject import adapter_layers, text_encoder_targets, unet_targets, wrap
-
-FORMATS = ("sdlora", "kohya", "diffusers")
 
 
 def _modules_of(base) -> dict[str, list[str]]:
@@ -86,7 +85,7 @@ def write_adapter_file(af: AdapterFile, path: str | Path, format: str, base=None
     elif format == "diffusers":
         tensors, metadata = peft.to_state_dict(af)
     else:
-        raise SdloraError(f"unknown adapter format '{format}'", f"choose one of: {', '.join(FORMATS)}")
+        raise SdloraError(f"unknown adapter format '{format}'", f"choose one of: {', '.join(FILE_FORMATS)}")
     return write_safetensors(path, tensors, metadata)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .choices import BASE_QUANT
 from .errors import SdloraError
 
 BASE_HELP = "'embedded' (default), a diffusers folder, a .safetensors checkpoint, or a hub id (online only)"
@@ -43,7 +44,7 @@ def add_base_flags(p: argparse.ArgumentParser, runs_model: bool = True) -> None:
     if not runs_model:
         return
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
-    p.add_argument("--quant", default="none", choices=["none", "nf4", "fp4", "int8"],
+    p.add_argument("--quant", default="none", choices=BASE_QUANT,
                    help="hold the UNet and text encoder(s) in 4 or 8 bits: NF4/FP4 with double quantization on "
                         "linear and conv layers, or int8 on linear layers with NF4 convs (default none)")
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from sdlora.choices import BASE_QUANT, TRAIN_METHODS
+from sdlora.choices import BASE_QUANT, FILE_FORMATS, TRAIN_METHODS
 from sdlora.errors import SdloraError
 from sdlora.library import LibraryEntry
 from sdlora.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -151,7 +151,7 @@ def _adapters_tab(studio: Studio) -> SimpleNamespace:
             inspect_go = gr.Button("Inspect")
         details = gr.Code(label="Details", language="json", interactive=False)  # text, never HTML
         with gr.Row():
-            fmt = gr.Radio(["kohya", "diffusers", "sdlora"], value="kohya", label="Export as")
+            fmt = gr.Radio(list(FILE_FORMATS), value="kohya", label="Export as")
             export_go = gr.Button("Export")
         with gr.Row():
             merge_names = _names_dropdown(names(), multiselect=True, label="Merge these")
