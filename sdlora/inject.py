@@ -135,10 +135,12 @@ def add_adapter(layers: dict[str, AdapterLayer], name: str, config: AdapterConfi
     return len(layers)
 
 
-def remove_adapter(layers: dict[str, AdapterLayer], name: str) -> None:
-    for layer in layers.values():
-        if name in layer.adapters:
-            layer.remove_adapter(name)
+def remove_adapter(layers: dict[str, AdapterLayer], name: str) -> int:
+    """Take adapter `name` off the given layers; returns how many held it."""
+    held = [layer for layer in layers.values() if name in layer.adapters]
+    for layer in held:
+        layer.remove_adapter(name)
+    return len(held)
 
 
 def adapter_parameters(layers: dict[str, AdapterLayer], name: str) -> list[nn.Parameter]:

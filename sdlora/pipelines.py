@@ -108,17 +108,12 @@ class Base:
     def remove_adapter(self, name: str) -> int:
         """Take adapter `name` off every layer of every model and out of `adapter_info`, together, so the
         name can be loaded again (a changed file, a retrained adapter). Returns the number of layers."""
-        from .inject import adapter_layers
+        from .inject import adapter_layers, remove_adapter
 
         if name not in self.adapter_info:
             raise SdloraError(f"no adapter named '{name}' is loaded",
                               f"loaded: {', '.join(self.adapter_info) or 'none'}")
-        count = 0
-        for model in self.models().values():
-            for layer in adapter_layers(model).values():
-                if name in layer.adapters:
-                    layer.remove_adapter(name)
-                    count += 1
+        count = sum(remove_adapter(adapter_layers(model), name) for model in self.models().values())
         del self.adapter_info[name]
         return count
 
