@@ -9,7 +9,7 @@ with L1 + MSE plus an L1 on neighbour differences, so edges, fine periods and fl
 standardise its 8 latent channels (a shift and scale folded into its 1x1 convs) ->
 draw captioned shape pictures -> build a CLIP BPE tokenizer over their words -> encode all pictures
 once -> train UNet and text encoder jointly on the diffusion loss (epsilon prediction, min-SNR
-weighting, 10% empty captions for guidance) -> save a diffusers folder. The folder is written to a
+weighting, offset noise, 10% empty captions for guidance) -> save a diffusers folder. The folder is written to a
 temporary sibling and renamed, so a crash leaves the previous base intact. `--vae-from DIR` reuses a
 trained VAE (for instance a previous build's `vae/`) and skips its stage.
 """
@@ -235,6 +235,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--unet-steps", type=int, default=2500)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--noise-offset", type=float, default=0.1, help="per-channel constant noise share (0: plain noise)")
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     return ap.parse_args(argv)
@@ -308,7 +309,8 @@ def unet_stage(args, vae, summary: dict, log) -> None:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.unet_steps, 100))
-    summary.update(unet_steps=args.unet_steps, unet_batch=args.unet_batch, lr=args.lr, scaling_factor=scaling)
+    summary.update(unet_steps=args.unet_steps, unet_batch=args.unet_batch, lr=args.lr, noise_offset=args.noise_offset,
+                   scaling_factor=scaling)
     for step in range(args.unet_steps):
         unet.train()
         text_encoder.train()
@@ -316,7 +318,11 @@ def unet_stage(args, vae, summary: dict, log) -> None:
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling  # (B, C, 16, 16)
         cap = caption_index[idx].clone()
         cap[torch.rand(len(cap), generator=gen) < 0.1] = 0  # empty caption: learns the unconditional model
+        # Offset noise (a per-picture, per-channel constant added to the noise; Guttenberg 2023): without it
+        # the model never sees a noisy latent whose mean disagrees with its caption, so the mean of the
+        # starting noise survives sampling and tints flat grounds (blue drawn gray-blue, gray drawn pink).
         noise = torch.randn(latents.shape, generator=gen)
+        noise = noise + args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
         hidden = text_encoder(ids[cap])[0]  # (B, 77, 64)
