@@ -33,25 +33,34 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-# The main jobs on the embedded base: a labelled grid of pictures for several prompts; then a mosaic
-# style adapter trained on samples/styles/mosaic (NF4 base, 300 steps), exported for kohya/A1111/ComfyUI,
-# and the before/after grid of that export on the float base (per prompt, a row without, a row with it).
+# The main jobs on the embedded base: a labelled grid of pictures for several prompts; then two style
+# adapters (dots, neon) trained on samples/styles/NAME with `sdlora train`'s default settings (NF4 base),
+# each exported for kohya/A1111/ComfyUI into out/demo-library/ and shown before/after (per prompt, a row
+# without, a row with it); then the mix: the web page's X/Y grid of the two weights 0, 0.5, 1.
+DEMO_STYLES := dots neon
 demo: $(VENV)/.installed
 	$(VENV)/bin/sdlora generate "a red circle" "a blue square" "a green triangle" "a yellow diamond" \
 		"a purple circle" "a yellow circle on a black background" \
 		--num 6 --seed 0 --steps 25 --out out/demo-grid.png --quiet
 	@echo "demo: wrote out/demo-grid.png"
-	rm -rf out/demo-style
-	$(VENV)/bin/sdlora train samples/styles/mosaic --out out/demo-style --name mosaic --rank 8 --lr 1e-3 \
-		--steps 300 --quiet
-	$(VENV)/bin/sdlora export out/demo-style/mosaic.safetensors --format kohya --out out/demo-style/mosaic-kohya.safetensors
-	$(VENV)/bin/sdlora generate "a red circle, zmosaic" "a blue square, zmosaic" "a green triangle, zmosaic" \
-		--adapter out/demo-style/mosaic-kohya.safetensors --compare --num 6 --seed 0 --steps 25 \
-		--out out/demo-before-after.png --quiet > /dev/null
-	@echo "demo: wrote out/demo-style/mosaic.safetensors (kohya copy beside it) and out/demo-before-after.png"
+	rm -rf out/demo-style out/demo-library
+	mkdir -p out/demo-library
+	for style in $(DEMO_STYLES); do \
+		$(VENV)/bin/sdlora train samples/styles/$$style --out out/demo-style/$$style --name $$style --quiet && \
+		$(VENV)/bin/sdlora export out/demo-style/$$style/$$style.safetensors --format kohya \
+			--out out/demo-library/$$style.safetensors && \
+		$(VENV)/bin/sdlora generate "a red circle, z$$style" "a blue square, z$$style" "a green triangle, z$$style" \
+			--adapter out/demo-library/$$style.safetensors --compare --num 6 --seed 0 --steps 25 \
+			--out out/demo-$$style.png --quiet > /dev/null && \
+		echo "demo: wrote out/demo-style/$$style/$$style.safetensors, its kohya copy out/demo-library/$$style.safetensors and out/demo-$$style.png" \
+		|| exit 1; \
+	done
+	$(VENV)/bin/sdlora xy "a blue square, zdots, zneon" "a green triangle, zdots, zneon" --library out/demo-library \
+		--x dots=0,0.5,1 --y neon=0,0.5,1 --seed 0 --steps 25 --out out/demo-mix.png > /dev/null
+	@echo "demo: wrote out/demo-mix.png (dots weight across, neon weight down)"
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=12 tests
 
 # Drift found on purpose, not by a red CI: a fresh .venv-latest with the newest versions the registries
 # serve (no lock), the differences from the lock, then the whole suite there. May fail; not part of CI.

@@ -6,6 +6,8 @@ without loading torch or bitsandbytes.
 
 QUANT_MODES = ("nf4", "fp4", "int8")  # bitsandbytes quantizations of a frozen base
 BASE_QUANT = ("nf4", "fp4", "int8", "none")  # what a base can be loaded as; none: float
+# Training adds "auto": NF4 for real bases, float for tiny ones (sdlora.quant.training_quant).
+TRAIN_QUANT = ("auto",) + BASE_QUANT
 TRAIN_METHODS = ("lora", "dora", "vera")  # the keys of sdlora.adapters.METHODS; LoHa/LoKr files load as deltas
 UNET_PRESETS = ("attn", "linear", "all")  # which UNet layers get adapters (sdlora.inject.unet_targets)
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")

@@ -158,7 +158,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         if kind == "bool":
             del kw["metavar"]
-            parser.add_argument(flag, dest=f.name, action="store_true", **kw)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, **kw)  # --x / --no-x
         elif kind.startswith("tuple"):
             parser.add_argument(flag, dest=f.name, action="append", **kw)
         else:

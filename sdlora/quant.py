@@ -93,6 +93,20 @@ class QuantConv2d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, 4-bit"
 
 
+# A UNet this small (the embedded base's has 3M parameters; SD1's 860M, SDXL's 2.6B) gains nothing from
+# quantization, and its layers are so narrow that NF4's error rivals a style adapter's whole change: an
+# adapter trained on the embedded base in NF4 draws noise on the float base, one trained in float draws the style.
+AUTO_QUANT_MIN_PARAMS = 100_000_000
+
+
+def training_quant(mode: str, unet: nn.Module) -> str:
+    """What `--quant auto` (training's default) means for this base: nf4 if its UNet has at least
+    AUTO_QUANT_MIN_PARAMS parameters, else none. Any other mode is returned as it is."""
+    if mode != "auto":
+        return mode
+    return "nf4" if sum(p.numel() for p in unet.parameters()) >= AUTO_QUANT_MIN_PARAMS else "none"
+
+
 def is_adapter_wrapper(module: nn.Module) -> bool:
     """An adapter wrapper (sdlora.adapters.AdapterLayer) around a base layer, told by its two attributes:
     the adapters import this module (to dequantize their base weight), never the other way round."""

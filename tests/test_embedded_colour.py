@@ -5,7 +5,6 @@ import random
 import pytest
 
 from sdlora.generate import GenerateSettings, generate
-from tests.base_version import base_v2
 from train_scripts.shapes import COLORS, background_name, dominant_foreground_color, draw_scene, foreground_color_shares, random_scene
 
 
@@ -35,7 +34,6 @@ def test_the_background_measure_on_ground_truth():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not base_v2(), reason="waits for the embedded base v2 (issue 13): v1 draws dark green for black")
 @pytest.mark.parametrize("colour, background", [("yellow", "black"), ("red", "blue"), ("blue", "yellow")])
 def test_attributes_bind_the_named_background_and_shape_colour_in_8_of_10_seeds(embedded, colour, background):
     prompt = f"a {colour} circle on a {background} background"

@@ -10,13 +10,9 @@ from PIL import Image
 
 from train_scripts.shapes import BACKGROUNDS, COLORS, draw_scene, random_scene
 
-from .base_version import base_v2
 from .style_judge import STYLES, STYLES_DIR
 
 
-# Written for the embedded base v2 of issue 13 (8 latent channels, texture VAE); the shipped base is still v1,
-# which cannot show the styles (its VAE keeps 10.8-20.2 dB of them), so the tests of the base wait for it.
-waits_for_v2 = pytest.mark.skipif(not base_v2(), reason="waits for the embedded base v2 (issue 13): samples/embedded is v1")
 
 
 def _reconstruct(vae, pictures: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +31,6 @@ def _psnr(x: np.ndarray, rec: np.ndarray) -> float:
     return float((10 * np.log10(255.0**2 / mse)).mean())
 
 
-@waits_for_v2
 @pytest.mark.parametrize("style", STYLES)
 def test_each_style_set_survives_the_vae_at_25_db(embedded, style):
     pictures = [Image.open(p) for p in sorted((STYLES_DIR / style).glob("*.png"))]
@@ -44,7 +39,6 @@ def test_each_style_set_survives_the_vae_at_25_db(embedded, style):
     assert value >= 25.0, f"{style}: {value:.2f} dB"
 
 
-@waits_for_v2
 def test_flat_scenes_survive_the_vae_at_30_db(embedded):
     rng = random.Random("vae-test-flat")
     pictures = [draw_scene(random_scene(rng)) for _ in range(40)]
@@ -52,7 +46,6 @@ def test_flat_scenes_survive_the_vae_at_30_db(embedded):
     assert value >= 30.0, f"flat scenes: {value:.2f} dB"
 
 
-@waits_for_v2
 def test_flat_fills_come_back_within_3_levels(embedded):
     colours = sorted(set(COLORS.values()) | set(BACKGROUNDS.values()))
     x, rec = _reconstruct(embedded.pipe.vae, [Image.new("RGB", (64, 64), c) for c in colours])

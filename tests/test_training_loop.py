@@ -45,7 +45,7 @@ def test_config_from_toml_with_overrides_and_clear_errors(tmp_path):
     toml = tmp_path / "train.toml"
     toml.write_text('data_dir = "data"\nout_dir = "out"\nrank = 16\nlr = 2e-4\n')
     cfg = TrainConfig.load(toml, rank=None, steps=50)
-    assert (cfg.rank, cfg.lr, cfg.steps, cfg.quant) == (16, 2e-4, 50, "nf4")
+    assert (cfg.rank, cfg.lr, cfg.steps, cfg.quant) == (16, 2e-4, 50, TrainConfig.quant)
     with pytest.raises(SdloraError, match="unknown training setting\\(s\\): rnak"):
         TrainConfig.load(toml, rnak=3)
     with pytest.raises(SdloraError, match="training setting lr = -1.0 must be a positive number"):

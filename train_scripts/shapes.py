@@ -177,19 +177,3 @@ def background_name(img: Image.Image, border: int = 3) -> str:
 def dominant_foreground_color(img: Image.Image) -> str | None:
     shares = foreground_color_shares(img)
     return max(shares, key=shares.get) if shares else None
-
-
-def grid_edge_share(img: Image.Image, period: int = 8) -> float:
-    """The mosaic style's signature: the share of a picture's edge energy (mean absolute difference
-    of neighbouring grey values, both axes) that lies on the block boundaries of a `period`-pixel grid
-    anchored at 0. A mosaic picture has all its edges there (grout lines and block steps), about 1;
-    a flat shape has its edges wherever its outline runs, about 2/period."""
-    import numpy as np
-
-    g = np.asarray(img.convert("L"), dtype=np.float32)  # (H, W)
-    gx = np.abs(np.diff(g, axis=1)).mean(axis=0)  # (W-1,): step between columns i and i+1
-    gy = np.abs(np.diff(g, axis=0)).mean(axis=1)  # (H-1,)
-    i = np.arange(len(gx))
-    on = ((i + 1) % period == 0) | (i % period == 0)  # steps into and out of a 1-pixel line at k*period
-    total = gx.sum() + gy.sum()
-    return float((gx[on].sum() + gy[on].sum()) / total) if total > 0 else 0.0

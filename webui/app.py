@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from sdlora.choices import BASE_QUANT, FILE_FORMATS, TRAIN_METHODS
+from sdlora.choices import FILE_FORMATS, TRAIN_METHODS, TRAIN_QUANT
 from sdlora.errors import SdloraError
 from sdlora.library import LibraryEntry
 from sdlora.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -124,7 +124,7 @@ def _train_tab(studio: Studio) -> SimpleNamespace:
             t_lr = gr.Number(TrainConfig.lr, label="Learning rate")
         with gr.Row():
             t_trigger = gr.Textbox(label="Trigger word (optional)")
-            t_quant = gr.Radio(list(BASE_QUANT), value=TrainConfig.quant, label="Base quantization")
+            t_quant = gr.Radio(list(TRAIN_QUANT), value=TrainConfig.quant, label="Base quantization")
             t_prompt = gr.Textbox(label="Validation prompt (optional)")
         with gr.Row():
             t_start = gr.Button("Start training", variant="primary")

@@ -21,18 +21,24 @@ from ..errors import SdloraError
 MARKER = "COMPLETE"
 
 
-def _split(obj, path: str, tensors: dict):
+def _split(obj, path: str, tensors: dict, seen: dict | None = None):
     """A state dict as JSON-able data, every tensor (at any depth) moved to `tensors` under its
     path and replaced by {"__tensor__": path}. Optimizers nest them (bitsandbytes: a dict per
-    parameter of quantized moments)."""
+    parameter of quantized moments). A tensor met again (bitsandbytes' 8-bit AdamW shares its two
+    quantization maps among all parameters of 4,096 elements or more) is stored once and referred to
+    by its first path, as safetensors refuses shared memory; loading then shares it again."""
+    seen = {} if seen is None else seen
     if torch.is_tensor(obj):
+        if id(obj) in seen:
+            return {"__tensor__": seen[id(obj)]}
+        seen[id(obj)] = path
         tensors[path] = obj
         return {"__tensor__": path}
     if isinstance(obj, dict):
         return {"__keys__": [[type(k).__name__, str(k)] for k in obj],
-                "__values__": [_split(v, f"{path}/{k}", tensors) for k, v in obj.items()]}
+                "__values__": [_split(v, f"{path}/{k}", tensors, seen) for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        return [_split(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+        return [_split(v, f"{path}/{i}", tensors, seen) for i, v in enumerate(obj)]
     return obj
 
 

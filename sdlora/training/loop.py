@@ -11,7 +11,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from ..errors import SdloraError
 from ..inject import adapter_layers
 from ..mixing import Mix
 from ..pipelines import load_base, training_scheduler
+from ..quant import training_quant
 from .optimizers import make_optimizer
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, restore_rngs, save_checkpoint
 from .config import TrainConfig
@@ -169,6 +170,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     base = load_base(cfg.base, device=accelerator.device)
     if base.family == "sdxl":
         raise SdloraError("training on SDXL bases is not supported yet", "train on an SD1 or SD2 base")
+    cfg = replace(cfg, quant=training_quant(cfg.quant, base.pipe.unet))  # "auto" -> what ran, for the summary
     if cfg.quant != "none":
         base.quantize(cfg.quant)
     adapter_cfg = AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
