@@ -34,7 +34,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 
 # The main jobs on the embedded base: a labelled grid of pictures for several prompts; then two style
-# adapters (dots, neon) trained on samples/styles/NAME with `sdlora train`'s default settings (NF4 base),
+# adapters (dots, neon) trained on samples/styles/NAME with `sdlora train`'s default settings (--quant auto: float here),
 # each exported for kohya/A1111/ComfyUI into out/demo-library/ and shown before/after (per prompt, a row
 # without, a row with it); then the mix: the web page's X/Y grid of the two weights 0, 0.5, 1.
 DEMO_STYLES := dots neon
