@@ -39,12 +39,7 @@ NOT_YET = {
 }
 
 
-def _styled_and_plain(style_adapter, style, colour, shape):
-    from sdlora.adapter_io import load_adapter
-    from sdlora.pipelines import load_base
-
-    base = load_base("embedded")  # the default quantization is a training choice; generation runs float
-    load_adapter(base, style_adapter(style), style)
+def _styled_and_plain(base, style, colour, shape):
     settings = GenerateSettings(prompts=(f"a {colour} {shape}, {STYLE_TRIGGERS[style]}",), num=10, steps=20, seed=0)
     plain = [r.image for r in generate(base, settings, progress=False)]
     styled = [r.image for r in generate(base, settings, progress=False, mix=Mix({style: 1.0}))]
@@ -58,9 +53,14 @@ def judged(style_adapter):
 
     def get(style):
         if style not in cache:
+            from sdlora.adapter_io import load_adapter
+            from sdlora.pipelines import load_base
+
+            base = load_base("embedded")  # the default quantization is a training choice; generation runs float
+            load_adapter(base, style_adapter(style), style)  # once per style, for all its prompts
             cache[style] = {}
             for colour, shape in PROMPTS:
-                styled, plain = _styled_and_plain(style_adapter, style, colour, shape)
+                styled, plain = _styled_and_plain(base, style, colour, shape)
                 cache[style][(colour, shape)] = ([judge.judge(im) for im in styled], [judge.judge(im) for im in plain],
                                                  [object_colour(im) for im in styled],
                                                  [overlap(s, p) for s, p in zip(styled, plain)])
