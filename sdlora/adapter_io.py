@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import DoraAdapter, LoraAdapter, VeraAdapter
-from .adapters.delta import DeltaAdapter
+from .adapters import method_class
 from .adapters.layer import AdapterLayer, geometry_of
 from .choices import FILE_FORMATS
 from .errors import SdloraError
@@ -53,13 +52,7 @@ def adapter_from_base(base, name: str, trigger_words=(), training: dict | None =
                 continue
             a = layer.adapters[name]
             method = a.method
-            down, up = (t.detach().float().cpu() for t in a.pair())
-            if a.method == "vera":
-                modules[f"{role}/{path}"] = ModuleWeights("vera", down, up, 1.0, vera_d=a.vera_d.detach().cpu(),
-                                                          vera_b=a.vera_b.detach().cpu())
-            else:
-                mag = a.magnitude.detach().cpu() if isinstance(a, DoraAdapter) else None
-                modules[f"{role}/{path}"] = ModuleWeights(a.method, down, up, a.scale, magnitude=mag)
+            modules[f"{role}/{path}"] = a.to_weights()
     if not modules:
         raise SdloraError(f"no adapter named '{name}' in the base", f"loaded: {', '.join(base.adapter_info) or 'none'}")
     info = base.adapter_info.get(name, {})
@@ -233,21 +226,9 @@ def check_name(name: str) -> None:
 
 
 def _build(layer, m: ModuleWeights, af: AdapterFile, shared: dict):
-    g = layer.geometry
     device = next(layer.base_layer.parameters()).device
     with torch.no_grad():
-        if m.dense is not None:
-            a = DeltaAdapter(g, m.dense)
-        elif m.method == "vera" and af.format == "sdlora":
-            a = VeraAdapter(g, m.rank, seed=int(af.config.get("seed", 0)), shared=shared)
-            a.vera_d.copy_(m.vera_d)
-            a.vera_b.copy_(m.vera_b)
-        elif m.magnitude is not None:
-            a = DoraAdapter(g, m.rank, m.alpha, w0=layer.base_weight())
-            a.down.copy_(m.down), a.up.copy_(m.up), a.magnitude.copy_(m.magnitude)
-        else:
-            a = LoraAdapter(g, m.rank, m.alpha)
-            a.down.copy_(m.down), a.up.copy_(m.up)
+        a = method_class(m.method).from_weights(layer, m, config=af.config, shared=shared)
     return a.to(device)
 
 

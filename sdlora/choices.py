@@ -6,9 +6,9 @@ without loading torch or bitsandbytes.
 
 QUANT_MODES = ("nf4", "fp4", "int8")  # bitsandbytes quantizations of a frozen base
 BASE_QUANT = ("nf4", "fp4", "int8", "none")  # what a base can be loaded as; none: float
-# Training adds "auto": NF4 for real bases, float for tiny ones (sdlora.quant.training_quant).
+# Training adds "auto": NF4 for real bases, float for tiny ones (sdlora.training.quant_auto).
 TRAIN_QUANT = ("auto",) + BASE_QUANT
-TRAIN_METHODS = ("lora", "dora", "vera")  # the keys of sdlora.adapters.METHODS; LoHa/LoKr files load as deltas
+TRAIN_METHODS = ("lora", "dora", "vera")  # sdlora.adapters.registry.trainable_methods(), without torch
 UNET_PRESETS = ("attn", "linear", "all")  # which UNet layers get adapters (sdlora.inject.unet_targets)
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 LR_SCHEDULES = ("constant", "cosine")  # both after the warm-up

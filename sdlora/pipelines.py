@@ -74,6 +74,7 @@ class Base:
         """Wrap the preset's UNet layers (and the text encoders' with text_encoder=True) and build
         adapter `name` on them; VeRA goes on linear layers only. Returns the number of layers."""
         from .adapter_io import check_name
+        from .adapters import method_class
         from .inject import add_adapter, text_encoder_targets, unet_targets, wrap
 
         check_name(name)
@@ -85,7 +86,7 @@ class Base:
                 continue
             names = unet_targets(model, targets) if role == "unet" else text_encoder_targets(model)
             layers = wrap(model, names, role)
-            if config.method == "vera":
+            if not method_class(config.method).convs:  # VeRA
                 layers = {n: layer for n, layer in layers.items() if not layer.geometry.is_conv}
             total += add_adapter(layers, name, config, generator=generator, shared=shared)
         self.adapter_info[name] = {"config": dataclasses.asdict(config), "targets": targets,

@@ -207,7 +207,7 @@ def test_every_training_setting_is_a_flag_with_its_default_and_one_option_list()
     """The train flags are built from TrainConfig's fields: a new field is a flag and a TOML key at once."""
     import dataclasses
 
-    from sdlora.adapters import METHODS
+    from sdlora.adapters import trainable_methods
     from sdlora.choices import TRAIN_METHODS, TRAIN_QUANT, UNET_PRESETS
     from sdlora.cli import build_parser
     from sdlora.training.config import TrainConfig
@@ -218,7 +218,7 @@ def test_every_training_setting_is_a_flag_with_its_default_and_one_option_list()
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     assert set(fields) <= set(actions) and set(actions) - set(fields) == {"help", "config", "quiet"}
     assert actions["quant"].choices == TRAIN_QUANT and actions["targets"].choices == UNET_PRESETS
-    assert actions["method"].choices == TRAIN_METHODS == tuple(METHODS)
+    assert actions["method"].choices == TRAIN_METHODS == trainable_methods()
     assert f"(default {TrainConfig.rank})" in actions["rank"].help and actions["out_dir"].option_strings == ["--out"]
     args = parser.parse_args(["train", "data", "--out", "o", "--rank", "3", "--validation-prompt", "a", "--validation-prompt",
                               "b", "--text-encoder", "--lr", "0.01"])

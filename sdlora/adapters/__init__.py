@@ -1,4 +1,4 @@
-"""Adapter methods: a literal registry from method name to class, and the config that builds them."""
+"""Adapter methods (registry.py: name -> class, the only dispatch) and the config that builds them."""
 
 from __future__ import annotations
 
@@ -12,13 +12,8 @@ from .base import Adapter, BaseGeometry
 from .dora import DoraAdapter
 from .layer import AdapterLayer
 from .lora import INITS, LoraAdapter
+from .registry import METHODS, method_class, trainable_methods
 from .vera import VeraAdapter
-
-METHODS: dict[str, type[Adapter]] = {
-    "lora": LoraAdapter,
-    "dora": DoraAdapter,
-    "vera": VeraAdapter,
-}
 
 
 @dataclass(frozen=True)
@@ -35,8 +30,9 @@ class AdapterConfig:
     vera_d_initial: float = 0.1
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise SdloraError(f"unknown adapter method '{self.method}'", f"choose one of: {', '.join(METHODS)}")
+        if self.method not in trainable_methods():
+            raise SdloraError(f"unknown adapter method '{self.method}' to build",
+                              f"choose one of: {', '.join(trainable_methods())} (LoHa/LoKr files load as deltas)")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise SdloraError(f"rank must be an integer of at least 1, got {self.rank!r}", "pass --rank 1 or more")
         if self.alpha is not None and not math.isfinite(self.alpha):
@@ -47,16 +43,8 @@ class AdapterConfig:
             raise SdloraError(f"unknown init '{self.init}'", f"choose one of: {', '.join(INITS)}")
 
     def build(self, layer: AdapterLayer, generator: torch.Generator, shared: dict) -> Adapter:
-        g = layer.geometry
-        if self.method == "lora":
-            return LoraAdapter(g, self.rank, self.alpha, rslora=self.rslora, dropout=self.dropout, init=self.init,
-                               generator=generator)
-        if self.method == "dora":
-            return DoraAdapter(g, self.rank, self.alpha, w0=layer.base_weight(), rslora=self.rslora,
-                               dropout=self.dropout, init=self.init, generator=generator)
-        return VeraAdapter(g, self.rank, seed=self.seed, d_initial=self.vera_d_initial, shared=shared,
-                           dropout=self.dropout)
+        return method_class(self.method).create(layer, self, generator, shared)
 
 
 __all__ = ["METHODS", "Adapter", "AdapterConfig", "AdapterLayer", "BaseGeometry", "DoraAdapter", "LoraAdapter",
-           "VeraAdapter"]
+           "VeraAdapter", "method_class", "trainable_methods"]

@@ -1,4 +1,9 @@
-"""What every adapter method provides to the layer wrapper, and the base layer's geometry."""
+"""What every adapter method provides (to the layer wrapper, to the files), and the base layer's geometry.
+
+One class per method, one module per class (lora.py, dora.py, vera.py, delta.py), each building itself
+(`create`, from an AdapterConfig), turning itself into and from its stored parts (`to_weights`,
+`from_weights`, `file_parts`, `from_file_parts`) and computing its delta; registry.py maps names to them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import SdloraError
+from ..formats.adapter import ModuleWeights
 from .functional import apply_down, apply_up
 
 
@@ -53,7 +59,12 @@ class Adapter(nn.Module):
     - other methods (DoRA) compute `output_delta` themselves.
     """
 
-    method: str = ""
+    method: str = ""  # its registry name, and the `method` of the ModuleWeights it writes
+    low_rank: bool = True  # D = scale * up @ down exactly with (down, up) = pair(); False for DoRA, a delta
+    trainable: bool = True  # AdapterConfig builds it (sdlora train --method); False: it only loads from files
+    convs: bool = True  # it may sit on Conv2d layers (VeRA: linear layers only)
+    # kohya and diffusers files hold it: as its equivalent pair, plus DoRA's magnitude, which both name.
+    portable: bool = True
 
     def __init__(self, geometry: BaseGeometry, rank: int, scale: float, dropout: float = 0.0):
         super().__init__()
@@ -62,8 +73,6 @@ class Adapter(nn.Module):
         self.rank = rank
         self.scale = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    low_rank: bool = True  # D = scale * up @ down exactly; False for DoRA
 
     def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (down, up) low-rank pair of the method (DoRA: its inner LoRA)."""
@@ -81,3 +90,41 @@ class Adapter(nn.Module):
         down, up = self.pair()
         h = apply_down(self.dropout(x), down.to(x.dtype), self.geometry.conv_args)
         return self.scale * apply_up(h, up.to(x.dtype), self.geometry.is_conv)
+
+    # ---- building, storing and loading: what the registry dispatches to ----
+
+    @classmethod
+    def create(cls, layer, cfg, generator: torch.Generator, shared: dict) -> "Adapter":
+        """A fresh adapter on `layer` (an AdapterLayer: its geometry, its base_weight()) from an AdapterConfig,
+        initialised from `generator`; `shared` holds tensors shared across layers (VeRA's projections)."""
+        raise SdloraError(f"adapter method '{cls.method}' cannot be built fresh, only loaded from a file",
+                          "train lora, dora or vera")
+
+    def stored_parts(self) -> dict[str, torch.Tensor]:
+        """The method's own tensors beyond its equivalent pair (DoRA: magnitude)."""
+        return {}
+
+    def to_weights(self) -> ModuleWeights:
+        """This adapter as a file module: the equivalent pair, the scale and the method's own parts (CPU, fp32)."""
+        down, up = (t.detach().float().cpu() for t in self.pair())
+        parts = {k: v.detach().float().cpu() for k, v in self.stored_parts().items()}
+        return ModuleWeights(self.method, down, up, self.scale, parts)
+
+    @classmethod
+    def from_weights(cls, layer, m: ModuleWeights, *, config: dict, shared: dict) -> "Adapter":
+        """The adapter a file module describes, on `layer`; `config` is the file's adapter config."""
+        raise NotImplementedError
+
+    @classmethod
+    def file_parts(cls, m: ModuleWeights) -> dict[str, torch.Tensor]:
+        """What an sdlora file stores for the module, under "role/path/<part>" (the scale is stored apart)."""
+        return {"down": m.down, "up": m.up, **m.parts}
+
+    @classmethod
+    def from_file_parts(cls, parts: dict[str, torch.Tensor], scale: float, config: dict, where: str) -> ModuleWeights:
+        """The inverse of file_parts; `where` names the file and module in errors."""
+        missing = {"down", "up"} - set(parts)
+        if missing:
+            raise SdloraError(f"{where} lacks {sorted(missing)}", "re-export the adapter")
+        rest = {k: v for k, v in parts.items() if k not in ("down", "up")}
+        return ModuleWeights(cls.method, parts["down"], parts["up"], scale, rest)

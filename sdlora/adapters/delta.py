@@ -8,12 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdloraError
+from ..formats.adapter import ModuleWeights
 from .base import Adapter, BaseGeometry
 
 
 class DeltaAdapter(Adapter):
+    """Registered as "loha" and "lokr" too: the names a file module of those kinds carries."""
+
     method = "delta"
     low_rank = False
+    trainable = False
+    portable = False
 
     def __init__(self, geometry: BaseGeometry, delta: torch.Tensor):
         if tuple(delta.shape) != geometry.weight_shape:
@@ -36,3 +41,14 @@ class DeltaAdapter(Adapter):
         if self.geometry.is_conv:
             return F.conv2d(x, d, **self.geometry.conv_args)
         return F.linear(x, d)
+
+    def to_weights(self) -> ModuleWeights:
+        return ModuleWeights(self.method, None, None, 1.0, dense=self.delta.detach().float().cpu())
+
+    @classmethod
+    def from_weights(cls, layer, m, *, config, shared):
+        return cls(layer.geometry, m.dense)
+
+    @classmethod
+    def file_parts(cls, m):
+        raise SdloraError("a LoHa/LoKr delta is only read, never written", "sdlora resize FILE --rank R turns it into a LoRA")

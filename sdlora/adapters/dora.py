@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import SdloraError
 from .base import BaseGeometry
 from .functional import dora_delta, dora_output_delta, lora_delta, weight_norm_per_output
 from .lora import LoraAdapter
@@ -33,3 +34,20 @@ class DoraAdapter(LoraAdapter):
         factor = self.magnitude / weight_norm_per_output(merged).detach()  # (out,)
         channel_dim = 1 if self.geometry.is_conv else -1
         return dora_output_delta(base_out_nobias, lora_out, factor.to(x.dtype), channel_dim)
+
+    @classmethod
+    def create(cls, layer, cfg, generator, shared):
+        return cls(layer.geometry, cfg.rank, cfg.alpha, w0=layer.base_weight(), rslora=cfg.rslora,
+                   dropout=cfg.dropout, init=cfg.init, generator=generator)
+
+    def stored_parts(self):
+        return {"magnitude": self.magnitude}
+
+    @classmethod
+    def from_weights(cls, layer, m, *, config, shared):
+        if m.magnitude is None:
+            raise SdloraError(f"a DoRA module needs its magnitude vector ({m.up.shape[0]},)", "re-export the adapter")
+        a = cls(layer.geometry, m.rank, m.alpha, w0=layer.base_weight())
+        with torch.no_grad():
+            a.down.copy_(m.down), a.up.copy_(m.up), a.magnitude.copy_(m.magnitude)
+        return a

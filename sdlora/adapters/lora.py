@@ -57,3 +57,15 @@ class LoraAdapter(Adapter):
 
     def delta_weight(self, w0: torch.Tensor | None = None) -> torch.Tensor:
         return lora_delta(self.down, self.up, self.scale)
+
+    @classmethod
+    def create(cls, layer, cfg, generator, shared):
+        return cls(layer.geometry, cfg.rank, cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout, init=cfg.init,
+                   generator=generator)
+
+    @classmethod
+    def from_weights(cls, layer, m, *, config, shared):
+        a = cls(layer.geometry, m.rank, m.alpha)  # alpha = scale * r: the scale as stored, rsLoRA's included
+        with torch.no_grad():
+            a.down.copy_(m.down), a.up.copy_(m.up)
+        return a

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import SdloraError
+from ..formats.adapter import ModuleWeights
 from .base import Adapter, BaseGeometry
 from .functional import lora_delta, vera_factors
 
@@ -25,6 +26,7 @@ def shared_projections(seed: int, rank: int, in_features: int, out_features: int
 
 class VeraAdapter(Adapter):
     method = "vera"
+    convs = False
 
     def __init__(self, geometry: BaseGeometry, rank: int, *, seed: int, d_initial: float = 0.1,
                  shared: dict | None = None, dropout: float = 0.0):
@@ -54,3 +56,33 @@ class VeraAdapter(Adapter):
     def delta_weight(self, w0: torch.Tensor | None = None) -> torch.Tensor:
         down, up = self.pair()
         return lora_delta(down, up, 1.0)
+
+    @classmethod
+    def create(cls, layer, cfg, generator, shared):
+        return cls(layer.geometry, cfg.rank, seed=cfg.seed, d_initial=cfg.vera_d_initial, shared=shared,
+                   dropout=cfg.dropout)
+
+    def stored_parts(self):
+        return {"vera_d": self.vera_d, "vera_b": self.vera_b}
+
+    @classmethod
+    def from_weights(cls, layer, m, *, config, shared):
+        a = cls(layer.geometry, m.rank, seed=int(config.get("seed", 0)), shared=shared)
+        with torch.no_grad():
+            a.vera_d.copy_(m.parts["vera_d"]), a.vera_b.copy_(m.parts["vera_b"])
+        return a
+
+    @classmethod
+    def file_parts(cls, m):
+        # Only the trained vectors and the input width: the projections come back from the seed.
+        return {"vera_d": m.parts["vera_d"], "vera_b": m.parts["vera_b"], "in_features": torch.tensor(int(m.down.shape[1]))}
+
+    @classmethod
+    def from_file_parts(cls, parts, scale, config, where):
+        missing = {"vera_d", "vera_b", "in_features"} - set(parts)
+        if missing or "seed" not in config:
+            raise SdloraError(f"{where} lacks {sorted(missing) or ['the seed in its config']}", "re-export the adapter")
+        d, b, n_in = parts["vera_d"], parts["vera_b"], int(parts["in_features"])
+        a, bb = shared_projections(int(config["seed"]), d.shape[0], n_in, b.shape[0])
+        # (r, in) and (out, r): diag(b) B diag(d) A as a plain pair, for the formats that hold pairs only.
+        return ModuleWeights("vera", d[:, None] * a, b[:, None] * bb, scale, {"vera_d": d, "vera_b": b})

@@ -11,17 +11,23 @@ ROLES = ("unet", "text_encoder", "text_encoder_2")
 
 @dataclass
 class ModuleWeights:
-    """One adapted module. D = scale * up @ down (LoRA/LoCon), DoRA adds `magnitude` (out,),
-    VeRA keeps its trained vectors (down/up are then the equivalent plain pair)."""
+    """One adapted module, as every format and tool sees it: `down`, `up` and `scale` are the equivalent
+    LoRA pair (D = scale * up @ down, exactly, for every low-rank method), what kohya and diffusers files
+    hold; `parts` are the method's own stored tensors beyond that pair (DoRA's magnitude (out,), VeRA's
+    vectors d (r,) and b (out,)), which sdlora files keep. The method's class (sdlora.adapters.registry)
+    turns a loaded adapter into this and back."""
 
-    method: str  # "lora" | "dora" | "vera" | "loha" | "lokr"
+    method: str  # a registry name: "lora" | "dora" | "vera" | "loha" | "lokr" | ...
     down: torch.Tensor | None  # (r, in) or (r, in, kh, kw); None for a dense delta
     up: torch.Tensor | None  # (out, r) or (out, r, 1, 1)
     scale: float  # alpha / r as applied
-    magnitude: torch.Tensor | None = None  # DoRA: (out,)
-    vera_d: torch.Tensor | None = None  # VeRA: (r,)
-    vera_b: torch.Tensor | None = None  # VeRA: (out,)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
     dense: torch.Tensor | None = None  # LoHa/LoKr: D itself, the layer's weight shape or (out, in*kh*kw)
+
+    @property
+    def magnitude(self) -> torch.Tensor | None:
+        """DoRA's per-output magnitude (out,), which kohya (dora_scale) and diffusers files also name."""
+        return self.parts.get("magnitude")
 
     @property
     def rank(self) -> int:

@@ -79,7 +79,7 @@ def inverse_table(table: dict[str, str], family: str) -> dict[str, str]:
 
 
 def to_state_dict(af: AdapterFile, table: dict[str, str], family: str, title: str = "") -> tuple[dict, dict]:
-    refuse_dense(af)
+    refuse_unportable(af, "kohya")
     tensors: dict[str, torch.Tensor] = {}
     for key, m in af.modules.items():
         if key not in table:
@@ -117,6 +117,18 @@ def refuse_dense(af: AdapterFile) -> None:
                           "turn the adapter into a LoRA first: sdlora resize FILE --rank R --out LORA.safetensors")
 
 
+def refuse_unportable(af: AdapterFile, layout: str) -> None:
+    """kohya and diffusers files hold a module as its pair (DoRA: plus its magnitude): refuse a method whose
+    class says its pair is not its whole update."""
+    from ..adapters.registry import method_class
+
+    refuse_dense(af)
+    bad = [k for k, m in af.modules.items() if not method_class(m.method, k).portable]
+    if bad:
+        raise SdloraError(f"{af.modules[bad[0]].method} module(s) ({bad[0]}) have no {layout} form",
+                          "export in the sdlora format, or resize the adapter to a LoRA first")
+
+
 def from_state_dict(tensors: dict, metadata: dict, inverse_table: dict[str, str], path: str,
                     weight_shapes: dict[str, tuple] | None = None) -> AdapterFile:
     """inverse_table: kohya module name -> canonical "role/path" of the base it is loaded into;
@@ -152,7 +164,7 @@ def from_state_dict(tensors: dict, metadata: dict, inverse_table: dict[str, str]
             raise SdloraError(f"{path}: '{name}.dora_scale' has shape {tuple(mag.shape)}, a norm over the input axis",
                               "only output-axis DoRA scales (PEFT, ComfyUI) are supported")
         modules[inverse_table[name]] = ModuleWeights("dora" if mag is not None else "lora", p["down"], p["up"],
-                                                     alpha / rank, magnitude=None if mag is None else mag.reshape(-1))
+                                                     alpha / rank, {} if mag is None else {"magnitude": mag.reshape(-1)})
     methods = {m.method for m in modules.values()}
     method = next(iter(methods)) if len(methods) == 1 else "+".join(sorted(methods))
     trigger = [w.strip() for w in metadata.get("modelspec.trigger_phrase", "").split(",") if w.strip()]

@@ -1,5 +1,6 @@
 """sdlora's own layout: every tensor under "role/module.path/part", the full config as JSON
-metadata. VeRA stores only its trained vectors; the frozen projections come back from the seed."""
+metadata. Each module's parts are its method class's (sdlora.adapters.registry): LoRA its pair, DoRA
+the pair and magnitude, VeRA only its trained vectors (the frozen projections come back from the seed)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import torch
 
-from ..adapters.vera import shared_projections
+from ..adapters.registry import method_class
 from ..errors import SdloraError
 from .adapter import AdapterFile, ModuleWeights
 
@@ -25,13 +26,8 @@ def to_state_dict(af: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, s
     tensors: dict[str, torch.Tensor] = {}
     for key, m in af.modules.items():
         tensors[f"{key}/scale"] = torch.tensor(float(m.scale))
-        if m.method == "vera":
-            tensors[f"{key}/vera_d"], tensors[f"{key}/vera_b"] = m.vera_d, m.vera_b
-            tensors[f"{key}/in_features"] = torch.tensor(int(m.down.shape[1]))
-            continue
-        tensors[f"{key}/down"], tensors[f"{key}/up"] = m.down, m.up
-        if m.magnitude is not None:
-            tensors[f"{key}/magnitude"] = m.magnitude
+        for part, t in method_class(m.method, key).file_parts(m).items():
+            tensors[f"{key}/{part}"] = t
     metadata = {
         "format": "sdlora", "format_version": FORMAT_VERSION, "method": af.method,
         "base_family": af.base_family or "", "config": json.dumps(af.config, sort_keys=True),
@@ -57,16 +53,11 @@ def from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict, path: str)
         if not key or "/" not in key:
             raise SdloraError(f"{path}: key '{name}' is not role/module/part", "re-export the adapter")
         parts.setdefault(key, {})[part] = t
+    cls = method_class(method, path)
     modules = {}
     for key, p in parts.items():
-        scale = float(p["scale"])
-        if method == "vera":
-            d, b, n_in = p["vera_d"], p["vera_b"], int(p["in_features"])
-            a, bb = shared_projections(int(config["seed"]), d.shape[0], n_in, b.shape[0])
-            modules[key] = ModuleWeights("vera", d[:, None] * a, b[:, None] * bb, scale, vera_d=d, vera_b=b)
-        else:
-            missing = {"down", "up"} - set(p)
-            if missing:
-                raise SdloraError(f"{path}: module '{key}' lacks {sorted(missing)}", "re-export the adapter")
-            modules[key] = ModuleWeights(method, p["down"], p["up"], scale, magnitude=p.get("magnitude"))
+        if "scale" not in p:
+            raise SdloraError(f"{path}: module '{key}' lacks its scale", "re-export the adapter")
+        scale = float(p.pop("scale"))
+        modules[key] = cls.from_file_parts(p, scale, config, f"{path}: module '{key}'")
     return AdapterFile(modules, method, metadata.get("base_family") or None, "sdlora", config, trigger_words, training)

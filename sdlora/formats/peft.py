@@ -25,9 +25,9 @@ def _file_path(role: str, path: str) -> str:
 
 
 def to_state_dict(af: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from .kohya import refuse_dense
+    from .kohya import refuse_unportable
 
-    refuse_dense(af)
+    refuse_unportable(af, "diffusers")
     tensors: dict[str, torch.Tensor] = {}
     meta: dict = {}
     for role in af.roles():
@@ -76,7 +76,7 @@ def from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict, path: str)
         scale = (float(alpha) if alpha is not None else rank) / rank
         mag = p.get("mag")
         modules[key] = ModuleWeights("dora" if mag is not None else "lora", p["down"], p["up"], scale,
-                                     magnitude=None if mag is None else mag.reshape(-1))
+                                     {} if mag is None else {"magnitude": mag.reshape(-1)})
     method = "dora" if any(m.magnitude is not None for m in modules.values()) else "lora"
     af = AdapterFile(modules, method, None, "diffusers")
     af.extra_metadata = {"unknown_keys": unknown} if unknown else {}
