@@ -175,7 +175,7 @@ def test_training_through_a_4bit_conv_keeps_no_float_weight_and_gets_exact_input
 def test_auto_quant_trains_real_bases_in_nf4_and_tiny_ones_in_float(embedded):
     from torch import nn
 
-    from sdlora.quant import AUTO_QUANT_MIN_PARAMS, training_quant
+    from sdlora.training.quant_auto import AUTO_QUANT_MIN_PARAMS, training_quant
 
     big = nn.Linear(10_000, 10_000, device="meta")  # 100M parameters, no memory
     assert sum(p.numel() for p in big.parameters()) >= AUTO_QUANT_MIN_PARAMS

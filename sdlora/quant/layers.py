@@ -1,4 +1,4 @@
-"""Quantize a model's frozen base layers through bitsandbytes; the only module that imports it.
+"""Quantized base layers through bitsandbytes; the only module of sdlora that imports it.
 
 Linear layers become bitsandbytes Linear4bit (NF4 or FP4, optionally double-quantized: the
 per-block absmax constants are themselves quantized to 8 bits) or Linear8bitLt (int8, one scale
@@ -9,14 +9,12 @@ of an SD UNet's weights. bitsandbytes quantizes a parameter when it is moved wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .choices import QUANT_MODES
-from .errors import SdloraError
+from ..choices import QUANT_MODES
+from ..errors import SdloraError
 
 
 def _bnb():
@@ -91,20 +89,6 @@ class QuantConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, 4-bit"
-
-
-# A UNet this small (the embedded base's has 3M parameters; SD1's 860M, SDXL's 2.6B) gains nothing from
-# quantization, and its layers are so narrow that NF4's error rivals a style adapter's whole change: an
-# adapter trained on the embedded base in NF4 draws noise on the float base, one trained in float draws the style.
-AUTO_QUANT_MIN_PARAMS = 100_000_000
-
-
-def training_quant(mode: str, unet: nn.Module) -> str:
-    """What `--quant auto` (training's default) means for this base: nf4 if its UNet has at least
-    AUTO_QUANT_MIN_PARAMS parameters, else none. Any other mode is returned as it is."""
-    if mode != "auto":
-        return mode
-    return "nf4" if sum(p.numel() for p in unet.parameters()) >= AUTO_QUANT_MIN_PARAMS else "none"
 
 
 def is_adapter_wrapper(module: nn.Module) -> bool:
@@ -216,64 +200,9 @@ def float_state_dict(model: nn.Module, replace: dict[str, torch.Tensor] | None =
     return out
 
 
-@dataclass(frozen=True)
-class QuantReport:
-    linear: int  # layers quantized
-    conv: int
-    params: int  # parameters of the whole model, counted as float weights
-    resident_bytes: int  # bytes the model's tensors hold now, quantization constants included
-
-    @property
-    def bits_per_param(self) -> float:
-        return 8.0 * self.resident_bytes / self.params
-
-    def __str__(self) -> str:
-        return (f"{self.linear} linear and {self.conv} conv layers quantized; {self.params:,} parameters in "
-                f"{self.resident_bytes:,} bytes = {self.bits_per_param:.2f} bits per parameter")
-
-
-def _quant_state_bytes(state) -> int:
-    if state is None:
-        return 0
-    total = state.absmax.numel() * state.absmax.element_size() + state.code.numel() * state.code.element_size()
-    if getattr(state, "nested", False) and state.state2 is not None:
-        s2 = state.state2
-        total += s2.absmax.numel() * s2.absmax.element_size() + s2.code.numel() * s2.code.element_size()
-        total += 4  # the fp32 offset
-    return total
-
-
-def resident_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer, with bitsandbytes' quantization constants
-    (absmax per block, the NF4 code book, int8 row scales) that live outside the parameters."""
-    bnb = _bnb()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        total += t.numel() * t.element_size()
-        total += _quant_state_bytes(getattr(t, "quant_state", None))
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear8bitLt):
-            scb = int8_row_scales(m)
-            total += scb.numel() * scb.element_size()
-    return total
-
-
-def _float_param_count(model: nn.Module) -> int:
-    n = 0
-    for m in model.modules():
-        if isinstance(m, QuantConv2d):
-            n += m.out_channels * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-            n += 0 if m.bias is None else m.bias.numel()
-        elif hasattr(m, "in_features") and is_quantized(m):
-            n += m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
-        else:
-            n += sum(p.numel() for p in m.parameters(recurse=False))
-    return n
-
-
-def quantize_model(model: nn.Module, mode: str = "nf4", *, double_quant: bool = True, convs: bool = True,
-                   compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   min_features: int = 16) -> QuantReport:
+def quantize_layers(model: nn.Module, mode: str = "nf4", *, double_quant: bool = True, convs: bool = True,
+                    compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    min_features: int = 16) -> tuple[int, int]:
     """Replace the model's Linear layers (and, with convs=True, the default as in Base.quantize, its
     Conv2d layers) in place. bitsandbytes has no int8 convolution: with mode int8 the convolutions are
     quantized in NF4, and a warning says so.
@@ -311,4 +240,29 @@ def quantize_model(model: nn.Module, mode: str = "nf4", *, double_quant: bool = 
         model.set_submodule(name, q)
     for p in model.parameters():
         p.requires_grad_(False)
-    return QuantReport(n_lin, n_conv, _float_param_count(model), resident_bytes(model))
+    return n_lin, n_conv  # linear and conv layers replaced
+
+
+def quant_constant_bytes(module: nn.Module) -> int:
+    """Bytes of the quantization constants that live outside `module`'s own parameters and buffers:
+    int8 row scales (out,) once a Linear8bitLt has run; NF4's absmax and code book sit on the weight's
+    quant_state (see quant_state_bytes)."""
+    bnb = _bnb()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        scb = int8_row_scales(module)
+        return scb.numel() * scb.element_size()
+    return 0
+
+
+def quant_state_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of a 4-bit weight's quantization state: absmax per block and code book, with double
+    quantization also the absmax's own absmax, code and fp32 offset; 0 for any other tensor."""
+    state = getattr(tensor, "quant_state", None)
+    if state is None:
+        return 0
+    total = state.absmax.numel() * state.absmax.element_size() + state.code.numel() * state.code.element_size()
+    if getattr(state, "nested", False) and state.state2 is not None:
+        s2 = state.state2
+        total += s2.absmax.numel() * s2.absmax.element_size() + s2.code.numel() * s2.code.element_size()
+        total += 4  # the fp32 offset
+    return total

@@ -24,7 +24,7 @@ from ..errors import SdloraError
 from ..inject import adapter_layers
 from ..mixing import Mix
 from ..pipelines import load_base, training_scheduler
-from ..quant import training_quant
+from .quant_auto import training_quant
 from .optimizers import make_optimizer
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, restore_rngs, save_checkpoint
 from .config import TrainConfig
