@@ -179,15 +179,19 @@ def _check_against_base(af: AdapterFile, base, path: str) -> list[tuple[str, str
     return plan
 
 
-def load_adapter(base, path: str | Path, name: str | None = None) -> Loaded:
-    """Load any supported adapter file into the base under `name` (default: the file's stem)."""
+def load_adapter(base, path: str | Path, name: str | None = None, *, replace: bool = False) -> Loaded:
+    """Load any supported adapter file into the base under `name` (default: the file's stem). With
+    replace=True an adapter already loaded under that name is taken off first (a changed file, a
+    retrained adapter), but only once the new file has passed every check: a bad file leaves it loaded."""
     path = str(path)
     name = name or re.sub(r"[^\w-]", "_", Path(path).stem)
     check_name(name)
-    if name in base.adapter_info:
+    if name in base.adapter_info and not replace:
         raise SdloraError(f"an adapter named '{name}' is already loaded", "pass another name")
     af = read_adapter_file(path, base)
     plan = _check_against_base(af, base, path)
+    if name in base.adapter_info:
+        base.remove_adapter(name)
     unknown = list(af.extra_metadata.get("unknown_keys", []))
     planned = {f"{role}/{mpath}" for role, mpath, _ in plan}
     unknown += [k for k in af.modules if k not in planned]

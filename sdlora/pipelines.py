@@ -93,6 +93,13 @@ class Base:
                                    "text_encoder": text_encoder}
         return total
 
+    def load_adapter(self, path: str | Path, name: str | None = None, *, replace: bool = False):
+        """Load an adapter file of any supported layout as `name` (sdlora.adapter_io.load_adapter); with
+        replace=True a checked new file takes the place of what is loaded under that name."""
+        from .adapter_io import load_adapter
+
+        return load_adapter(self, path, name, replace=replace)
+
     def pipeline_with(self, **replace):
         """A new pipeline object over this base's components with some replaced (a scheduler, fresh models);
         the other components are shared, not copied. Pipelines are cheap; schedulers hold per-call state."""

@@ -111,8 +111,6 @@ class Studio:
         return "lib-" + hashlib.sha1(name.encode()).hexdigest()[:16]
 
     def _ensure_loaded(self, names: list[str]) -> dict[str, str]:
-        from .adapter_io import load_adapter
-
         paths = self.library.paths(names)  # refuses names not in the listing
         with self._load_lock:
             mtimes = {n: p.stat().st_mtime for n, p in paths.items()}
@@ -121,9 +119,8 @@ class Studio:
                 with self.base.mixer.exclusive():  # no picture is being made while layers change
                     for n in stale:
                         internal = self._internal(n)
-                        if internal in self.base.adapter_info:  # a changed file replaces its earlier load
-                            self.base.remove_adapter(internal)
-                        load_adapter(self.base, paths[n], internal)
+                        # A changed file replaces its earlier load once it has passed the checks.
+                        self.base.load_adapter(paths[n], internal, replace=True)
                         self._loaded[n] = (internal, mtimes[n])
             return {n: self._loaded[n][0] for n in names}
 

@@ -184,6 +184,33 @@ def test_a_library_file_changed_after_use_gives_the_new_file_pictures(tmp_path):
     assert len(studio.base.adapter_info) == 1 and len(studio.base.mixer.loaded()) == 1
 
 
+def test_the_base_replaces_a_loaded_adapter_with_a_changed_file_only_if_the_new_file_is_good(tmp_path):
+    from sdlora.generate import GenerateSettings, generate
+    from sdlora.mixing import Mix
+    from sdlora.pipelines import load_base
+
+    def picture(base):
+        s = GenerateSettings(prompts=("a red circle",), steps=6, seed=3)
+        return np.asarray(generate(base, s, progress=False, mix=Mix({"style": 1.0}))[0].image)
+
+    maker, path = load_base("embedded"), tmp_path / "style.safetensors"
+    _make_adapter(maker, path, 1, "stylea")
+    base = load_base("embedded")
+    base.load_adapter(path, "style")
+    old = picture(base)
+    maker.remove_adapter("style")
+    _make_adapter(maker, path, 2, "styleb")
+    fresh = load_base("embedded")
+    fresh.load_adapter(path, "style")
+    layers = base.load_adapter(path, "style", replace=True).layers
+    assert np.array_equal(picture(base), picture(fresh)) and not np.array_equal(picture(base), old)
+    assert list(base.adapter_info) == ["style"] and base.mixer.loaded() == {"style"}
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SdloraError, match="bad.safetensors"):
+        base.load_adapter(tmp_path / "bad.safetensors", "style", replace=True)
+    assert np.array_equal(picture(base), picture(fresh)) and base.remove_adapter("style") == layers
+
+
 def test_removing_an_adapter_clears_layers_and_record_so_the_name_loads_again(tmp_path):
     from sdlora.adapter_io import load_adapter
     from sdlora.pipelines import load_base
