@@ -13,4 +13,5 @@ UNET_PRESETS = ("attn", "linear", "all")  # which UNet layers get adapters (sdlo
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 LR_SCHEDULES = ("constant", "cosine")  # both after the warm-up
 MIXED_PRECISION = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts: the noise, or the velocity v
 FILE_FORMATS = ("sdlora", "kohya", "diffusers")

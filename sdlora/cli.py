@@ -23,7 +23,8 @@ def cmd_generate(args) -> int:
         width, height = parse_size(args.size)
     settings = GenerateSettings(
         prompts=tuple(args.prompts), negative=args.negative, seed=args.seed, steps=args.steps,
-        guidance=args.guidance, width=width, height=height, num=args.num, scheduler=args.scheduler,
+        guidance=args.guidance, guidance_rescale=args.guidance_rescale, width=width, height=height, num=args.num,
+        scheduler=args.scheduler,
     )
     if Path(args.out).suffix.lower() != ".png":
         raise SdloraError(f"--out {args.out} must end in .png", "pass a file name like out/picture.png")
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the first picture; picture k uses seed+k (default 0)")
     g.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    g.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="rescale the guided prediction's spread back toward the conditional one (0.7 for "
+                        "zero-terminal-SNR bases; default 0: off)")
     g.add_argument("--size", metavar="WxH", default=None,
                    help="picture size, multiples of 8 (default: the base's native size, 64x64 for embedded)")
     g.add_argument("--num", type=int, default=1, help="pictures per prompt (default 1)")

@@ -29,6 +29,7 @@ class GenerateSettings:
     seed: int = 0
     steps: int = 20
     guidance: float = 5.0
+    guidance_rescale: float = 0.0  # Lin et al. 2024's phi (0.7 for zero-terminal-SNR bases): keeps CFG from overexposing
     width: int | None = None
     height: int | None = None
     num: int = 1
@@ -44,6 +45,9 @@ class GenerateSettings:
             raise SdloraError(f"steps must be at least 1, got {self.steps}", "pass --steps 1 or more (20 is typical)")
         if not math.isfinite(self.guidance) or self.guidance < 0:
             raise SdloraError(f"guidance must be a finite number >= 0, got {self.guidance}", "pass e.g. --guidance 5")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise SdloraError(f"guidance rescale must be between 0 and 1, got {self.guidance_rescale}",
+                              "pass e.g. --guidance-rescale 0.7")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value > MAX_SIDE or value % 8):
@@ -122,6 +126,7 @@ def _call_pipeline(base: Base, settings: GenerateSettings, prompt: str, width: i
             negative_prompt=[settings.negative] * settings.num if settings.negative else None,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
+            guidance_rescale=settings.guidance_rescale,
             width=width,
             height=height,
             generator=gens,

@@ -70,9 +70,10 @@ class Base:
         self.quant = mode
         return reports
 
-    def add_adapter(self, name: str, config, *, targets: str = "attn", text_encoder: bool = False) -> int:
-        """Wrap the preset's UNet layers (and the text encoders' with text_encoder=True) and build
-        adapter `name` on them; VeRA goes on linear layers only. Returns the number of layers."""
+    def add_adapter(self, name: str, config, *, targets: str = "attn", text_encoder: bool | tuple = False) -> int:
+        """Wrap the preset's UNet layers (and the text encoders': all with text_encoder=True, or those of a
+        tuple of roles) and build adapter `name` on them; VeRA goes on linear layers only. Returns the
+        number of layers."""
         from .adapter_io import check_name
         from .adapters import method_class
         from .inject import add_adapter, text_encoder_targets, unet_targets, wrap
@@ -82,7 +83,7 @@ class Base:
         shared: dict = {}  # VeRA's projections, one pair per shape across the whole pipeline
         generator = torch.Generator().manual_seed(config.seed)  # one stream over every role, in order
         for role, model in self.models().items():
-            if role != "unet" and not text_encoder:
+            if role != "unet" and not (text_encoder is True or role in (text_encoder or ())):
                 continue
             names = unet_targets(model, targets) if role == "unet" else text_encoder_targets(model)
             layers = wrap(model, names, role)
@@ -90,7 +91,7 @@ class Base:
                 layers = {n: layer for n, layer in layers.items() if not layer.geometry.is_conv}
             total += add_adapter(layers, name, config, generator=generator, shared=shared)
         self.adapter_info[name] = {"config": dataclasses.asdict(config), "targets": targets,
-                                   "text_encoder": text_encoder}
+                                   "text_encoder": bool(text_encoder)}
         return total
 
     def load_adapter(self, path: str | Path, name: str | None = None, *, replace: bool = False):
@@ -298,11 +299,22 @@ def make_scheduler(name: str, base_config):
     if name not in SCHEDULERS:
         raise SdloraError(f"unknown scheduler '{name}'", f"choose one of: {', '.join(SCHEDULERS)}")
     cls_name, extra = SCHEDULERS[name]
+    if base_config.get("rescale_betas_zero_snr"):
+        # A zero-terminal-SNR base must start sampling at the last timestep, where the picture is pure
+        # noise: "trailing" spacing (Lin et al. 2024, "Common Diffusion Noise Schedules ... Are Flawed").
+        extra = {**extra, "timestep_spacing": "trailing"}
     return getattr(diffusers, cls_name).from_config(base_config, **extra)
 
 
-def training_scheduler(base: Base):
-    """The noise schedule training adds noise with: DDPM over the base's own betas and prediction type."""
+def training_scheduler(base: Base, prediction_type: str | None = None, zero_terminal_snr: bool = False):
+    """The noise schedule training adds noise with: DDPM over the base's own betas and prediction type,
+    or another prediction type, or its betas rescaled to zero terminal SNR (diffusers'
+    rescale_zero_terminal_snr, the DDPM config's rescale_betas_zero_snr)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(base.pipe.scheduler.config)
+    overrides = {}
+    if prediction_type:
+        overrides["prediction_type"] = prediction_type
+    if zero_terminal_snr:
+        overrides["rescale_betas_zero_snr"] = True
+    return DDPMScheduler.from_config(base.pipe.scheduler.config, **overrides)

@@ -131,3 +131,23 @@ def test_sampler_covers_every_item_once_per_epoch_and_resumes():
     # resuming after k batches: the rest of the same epoch, nothing seen twice
     k = 4
     assert epoch0[:k] + BucketSampler(buckets, 3, 1, 2).batches(0)[k:] == epoch0
+
+
+def test_buckets_stay_between_the_side_bounds_and_sdxl_time_ids_follow_the_crop_and_its_mirror():
+    from sdlora.training.data import sdxl_time_ids
+
+    buckets = make_buckets(1024, 64, min_side=768, max_side=1280)
+    assert (1024, 1024) in buckets and all(768 <= min(b) and max(b) <= 1280 for b in buckets)
+    assert {(832, 1216), (1216, 832)} <= set(buckets)  # SDXL's usual portrait and landscape
+    assert make_buckets(1024, 32) != make_buckets(1024, 64) and all(s % 32 == 0 for b in make_buckets(1024, 32) for s in b)
+    # a 97 x 64 picture in a 64 x 64 bucket: scaled by 1, cropped 16 px from the left (kohya's floor), 17 from
+    # the right; mirrored, the crop's left is the scaled width minus the right edge: 97 - (16 + 64) = 17
+    assert sdxl_time_ids((97, 64), (64, 64)) == [64, 97, 0, 16, 64, 64]
+    assert sdxl_time_ids((97, 64), (64, 64), flipped=True) == [64, 97, 0, 17, 64, 64]
+    # a 600 x 900 portrait in an 832 x 1216 bucket: scaled to 832 x 1248, 16 px off the top
+    assert sdxl_time_ids((600, 900), (832, 1216)) == [900, 600, 16, 0, 1216, 832]
+    img = Image.fromarray(np.arange(97 * 64 * 3, dtype=np.uint8).reshape(64, 97, 3) % 251)
+    crop = np.asarray(fit_to_bucket(img, (64, 64)))
+    assert np.array_equal(crop, np.asarray(img)[:, 16:80])
+    mirrored = np.asarray(img)[:, ::-1]
+    assert np.array_equal(crop[:, ::-1], mirrored[:, 17:81])  # the mirror of the crop is the mirror's crop at 17

@@ -54,19 +54,22 @@ def test_config_from_toml_with_overrides_and_clear_errors(tmp_path):
         TrainConfig.load(None)
 
 
-def _train_cmd(out, *extra):
+def _train_cmd(out, *extra, steps=160):
     import sys
 
     from tests.test_training_data import STYLES as styles
 
-    return [sys.executable, "-m", "sdlora", "train", str(styles / "stripes"), "--out", str(out), "--steps", "160",
+    return [sys.executable, "-m", "sdlora", "train", str(styles / "stripes"), "--out", str(out), "--steps", str(steps),
             "--batch-size", "4", "--rank", "4", "--lr", "1e-3", "--seed", "7", "--trigger", "zstripes",
             "--checkpoint-every", "20", "--optimizer", "adamw8bit", "--ema-decay", "0.9", "--lr-schedule", "cosine",
             "--quiet", *extra]
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_gives_the_uninterrupted_adapter_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_kill_9_then_resume_gives_the_uninterrupted_adapter_bit_for_bit(request, tmp_path, family):
+    """SD1 on the embedded base, 160 steps; SDXL on the tiny SDXL folder (both text encoders trained, the
+    second at its own rate; time ids per picture; mirrored pictures, drawn from the saved RNG), 60 steps."""
     import os
     import signal
     import subprocess
@@ -75,9 +78,16 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter_bit_for_bit(tmp_path
     from safetensors.torch import load_file
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run(_train_cmd(tmp_path / "straight"), check=True, env=env, capture_output=True, timeout=600)
+    steps, extra = 160, ()
+    if family == "sdxl":
+        steps, extra = 60, ("--base", str(request.getfixturevalue("tiny_sdxl_dir")), "--text-encoder-2-lr", "5e-4", "--flip")
 
-    proc = subprocess.Popen(_train_cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+    def cmd(out, *more):
+        return _train_cmd(out, *extra, *more, steps=steps)
+
+    subprocess.run(cmd(tmp_path / "straight"), check=True, env=env, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     marker = tmp_path / "killed" / "checkpoints" / "step-00000040" / "COMPLETE"
     deadline = time.time() + 300
@@ -89,8 +99,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter_bit_for_bit(tmp_path
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "adapter.safetensors").exists()
-    subprocess.run(_train_cmd(tmp_path / "killed", "--resume"), check=True, env=env, capture_output=True,
-                   timeout=600)
+    subprocess.run(cmd(tmp_path / "killed", "--resume"), check=True, env=env, capture_output=True, timeout=600)
 
     straight = load_file(str(tmp_path / "straight" / "adapter.safetensors"))
     resumed = load_file(str(tmp_path / "killed" / "adapter.safetensors"))
@@ -98,10 +107,13 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter_bit_for_bit(tmp_path
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     rows = list(csv.DictReader(open(tmp_path / "killed" / "logs" / "loss.csv")))
     straight_rows = list(csv.DictReader(open(tmp_path / "straight" / "logs" / "loss.csv")))
-    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows] and len(rows) == 160
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows] and len(rows) == steps
     # only complete checkpoints remain, the last two
     kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
-    assert kept == ["step-00000120", "step-00000140"]
+    assert kept == [f"step-{steps - 40:08d}", f"step-{steps - 20:08d}"]
+    if family == "sdxl":
+        roles = {k.split("/", 1)[0] for k in straight}
+        assert roles == {"unet", "text_encoder", "text_encoder_2"}, roles
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
@@ -178,3 +190,30 @@ def test_mixed_precision_runs_back_to_back_keep_fp32_weights(tmp_path):
         with pytest.warns(UserWarning, match="mixed precision fp16 is not supported on cpu; training runs in fp32"):
             fp16 = train(TrainConfig(out_dir=str(tmp_path / "fp16"), mixed_precision="fp16", **common), progress=False)
         assert fp16.losses == full.losses and read_adapter_file(fp16.adapter).training["precision"] == "no"
+
+
+@pytest.mark.slow
+def test_an_sdxl_cli_run_trains_the_chosen_encoders_and_its_adapter_draws(tiny_sdxl_dir, tmp_path):
+    """`sdlora train` on an SDXL folder: validation pictures, the second encoder left out with a rate of 0,
+    and `sdlora generate` draws with the adapter something else than without it."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "sdlora", "train", str(STYLES / "dots"), "--out", str(out), "--base",
+                    str(tiny_sdxl_dir), "--steps", "6", "--rank", "4", "--lr", "1e-2", "--text-encoder-2-lr", "0",
+                    "--validation-prompt", "a red circle, zdots", "--quiet"], check=True, capture_output=True,
+                   timeout=600)
+    af = read_adapter_file(out / "adapter.safetensors")
+    assert af.roles() == ["text_encoder", "unet"] and af.training["steps_done"] == 6
+    assert (out / "samples" / "step-000006.png").exists()
+    pictures = []
+    for extra in ([], ["--adapter", str(out / "adapter.safetensors")]):
+        path = tmp_path / f"picture{len(extra)}.png"
+        subprocess.run([sys.executable, "-m", "sdlora", "generate", "a red circle, zdots", "--out", str(path), "--base",
+                        str(tiny_sdxl_dir), "--steps", "4", *extra], check=True, capture_output=True, timeout=600)
+        pictures.append(np.asarray(Image.open(path).convert("RGB"), dtype=np.int16))
+    assert np.abs(pictures[0] - pictures[1]).mean() > 0.5

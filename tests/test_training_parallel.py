@@ -83,9 +83,9 @@ def test_frozen_text_encoder_outputs_are_cached_per_caption(tiny_sd1_dir):
     texts = TextEmbeddings(pipe, trainable=False, device="cpu")
     calls = []
     pipe.text_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    first = texts(["a red circle", "a blue square", "a red circle"])
-    again = texts(["a blue square", "a red circle"])
-    assert calls == [1, 1]  # each distinct caption encoded once, alone
+    first, pooled = texts(["a red circle", "a blue square", "a red circle"])
+    again, _ = texts(["a blue square", "a red circle"])
+    assert calls == [1, 1] and pooled is None  # each distinct caption encoded once, alone; SD1 has no pooled
     assert torch.equal(again[0], first[1]) and torch.equal(again[1], first[0])
     ids = pipe.tokenizer(["a blue square"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          return_tensors="pt").input_ids
@@ -95,6 +95,29 @@ def test_frozen_text_encoder_outputs_are_cached_per_caption(tiny_sd1_dir):
     trainable(["a red circle", "a blue square"])
     trainable(["a red circle"])
     assert calls == [1, 1, 1, 2, 1] and not trainable.cache  # the third is the check above
+
+
+def test_sdxl_text_embeddings_are_both_encoders_penultimate_states_and_the_pooled_one_all_cached(tiny_sdxl_dir):
+    from sdlora.pipelines import load_base
+    from sdlora.training.text_cache import TextEmbeddings
+
+    pipe = load_base(str(tiny_sdxl_dir)).pipe
+    texts = TextEmbeddings(pipe, trainable=False, device="cpu")
+    calls = []
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    hidden, pooled = texts(["a red circle", "a red circle", "a blue square"])
+    dims = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert hidden.shape == (3, 77, dims) and pooled.shape == (3, pipe.text_encoder_2.config.projection_dim)
+    assert calls == [1, 1, 1, 1]  # two captions, each through both encoders once
+    hidden2, pooled2 = texts(["a blue square"])
+    assert calls == [1, 1, 1, 1] and torch.equal(hidden2[0], hidden[2]) and torch.equal(pooled2[0], pooled[2])
+    # what SDXL's own pipeline feeds its UNet for this prompt (no guidance: the positive half only)
+    with torch.no_grad():
+        embeds, _, pooled_pipe, _ = pipe.encode_prompt("a blue square", device="cpu", num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)
+    torch.testing.assert_close(hidden2, embeds, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pooled2, pooled_pipe, atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow

@@ -23,13 +23,14 @@ def _vae():
     )
 
 
-def _clip_config(vocab_size: int, tokenizer, hidden: int = 32, projection: int = 32):
+def _clip_config(vocab_size: int, tokenizer, hidden: int = 32, projection: int = 32, act: str = "quick_gelu"):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=projection,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        hidden_act=act,
     )
 
 
@@ -39,7 +40,20 @@ def _scheduler():
     return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 
-def build_tiny_sd1(folder: Path, seed: int = 0) -> Path:
+def build_tiny_sd2_v(folder: Path, seed: int = 0, zero_terminal_snr: bool = False) -> Path:
+    """SD2 layout (OpenCLIP's gelu text encoder) with a v-prediction scheduler, as SD2-768 ships; with
+    zero_terminal_snr, its betas rescaled as NoobAI v-pred's config says."""
+    from diffusers import EulerDiscreteScheduler
+
+    build_tiny_sd1(folder, seed, act="gelu")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, prediction_type="v_prediction",
+                                       rescale_betas_zero_snr=zero_terminal_snr)
+    scheduler.save_pretrained(folder / "scheduler")
+    return folder
+
+
+def build_tiny_sd1(folder: Path, seed: int = 0, act: str = "quick_gelu") -> Path:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -51,7 +65,7 @@ def build_tiny_sd1(folder: Path, seed: int = 0) -> Path:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
     pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=CLIPTextModel(_clip_config(len(tokenizer), tokenizer)), tokenizer=tokenizer,
+        vae=_vae(), text_encoder=CLIPTextModel(_clip_config(len(tokenizer), tokenizer, act=act)), tokenizer=tokenizer,
         unet=unet, scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -107,6 +107,11 @@ def to_state_dict(af: AdapterFile, table: dict[str, str], family: str, title: st
     }
     if af.training:
         metadata["sdlora_training"] = json.dumps(af.training, sort_keys=True)
+    if af.training.get("prediction_type") == "v_prediction":  # what kohya's and the model spec's readers look for
+        metadata["ss_v_parameterization"] = "True"
+        metadata["modelspec.prediction_type"] = "v"
+    if af.training.get("zero_terminal_snr"):
+        metadata["ss_zero_terminal_snr"] = "True"
     return tensors, metadata
 
 

@@ -8,7 +8,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..choices import LR_SCHEDULES, MIXED_PRECISION, OPTIMIZERS, TRAIN_METHODS, TRAIN_QUANT, UNET_PRESETS
+from ..choices import (LR_SCHEDULES, MIXED_PRECISION, OPTIMIZERS, PREDICTION_TYPES, TRAIN_METHODS, TRAIN_QUANT,
+                       UNET_PRESETS)
 from ..errors import SdloraError
 
 
@@ -39,7 +40,11 @@ class TrainConfig:
                                 show_default=False)
     targets: str = _opt("all", "UNet layers: attention projections, every transformer linear, or those plus the "
                                 "ResNet and sampler convolutions", choices=UNET_PRESETS)
-    text_encoder: bool = _opt(True, "train adapters on the text encoder too")
+    text_encoder: bool = _opt(True, "train adapters on the text encoder(s) too")
+    text_encoder_lr: float | None = _opt(None, "the text encoder's adapter learning rate (default: --lr); 0: no "
+                                               "adapter on it", show_default=False)
+    text_encoder_2_lr: float | None = _opt(None, "SDXL's second text encoder's (default: --text-encoder-lr); 0: no "
+                                                 "adapter on it", show_default=False)
     quant: str = _opt("auto", "the frozen base's quantization during training; auto: nf4 for a base whose UNet "
                               "has 100M parameters or more, none (float) for smaller ones", choices=TRAIN_QUANT)
     steps: int = _opt(600, "optimizer steps; each consumes --grad-accum batches")
@@ -48,6 +53,14 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "linear learning-rate warm-up steps")
     resolution: int | None = _opt(None, "bucket area side (default: the base's native size)",
                                    show_default=False)
+    bucket_step: int | None = _opt(None, "bucket sides' step in pixels (default 64, or the UNet's finest for bases "
+                                         "under 512 px); a multiple of the UNet's (SD1/SD2: 64, SDXL: 32)",
+                                   show_default=False)
+    min_bucket: int | None = _opt(None, "smallest bucket side in pixels (default: none)", show_default=False)
+    max_bucket: int | None = _opt(None, "largest bucket side in pixels (default: twice the resolution)",
+                                  show_default=False)
+    flip: bool = _opt(False, "mirror each picture left-right half the time (SDXL's crop time id follows, as in "
+                             "kohya's sd-scripts); not for styles or subjects that are not symmetric")
     batch_size: int = _opt(4, "global batch, split across processes")
     grad_accum: int = _opt(1, "batches per optimizer step", metavar="N")
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass: less memory, "
@@ -60,6 +73,10 @@ class TrainConfig:
     repeats: int = _opt(1, "times each picture appears per epoch")
     min_snr_gamma: float | None = _opt(5.0, "min-SNR weighting gamma")
     noise_offset: float = _opt(0.1, "noise offset (a per-channel constant added to the noise)")
+    prediction_type: str | None = _opt(None, "what the UNet learns to predict (default: what the base's scheduler "
+                                             "says)", choices=PREDICTION_TYPES, show_default=False)
+    zero_terminal_snr: bool = _opt(False, "rescale the betas to zero terminal SNR (Lin et al. 2024; use with "
+                                          "v_prediction, as NoobAI v-pred and SD2-768 fine-tunes do)")
     mixed_precision: str = _opt("no", "autocast the forward pass; trained weights stay fp32", choices=MIXED_PRECISION)
     skip_bad_images: bool = _opt(False, "skip unreadable pictures and missing captions")
     optimizer: str = _opt("adamw", "8-bit and paged AdamW come from bitsandbytes (paged needs CUDA; a warning "
@@ -85,6 +102,10 @@ class TrainConfig:
             (self.grad_accum >= 1, "grad_accum", "at least 1"), (self.repeats >= 1, "repeats", "at least 1"),
             (math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number"),
             (self.loraplus_ratio >= 1, "loraplus_ratio", "at least 1"),
+            (self.text_encoder_lr is None or (math.isfinite(self.text_encoder_lr) and self.text_encoder_lr >= 0),
+             "text_encoder_lr", "0 or more"),
+            (self.text_encoder_2_lr is None or (math.isfinite(self.text_encoder_2_lr) and self.text_encoder_2_lr >= 0),
+             "text_encoder_2_lr", "0 or more"),
             (0 <= self.caption_dropout < 1, "caption_dropout", "in [0, 1)"),
             (self.warmup_steps >= 0, "warmup_steps", "0 or more"),
             (self.checkpoint_every >= 0, "checkpoint_every", "0 (none) or more"),
@@ -97,11 +118,15 @@ class TrainConfig:
             (self.noise_offset >= 0, "noise_offset", "0 or more"),
             (self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "positive (or unset)"),
             (self.mixed_precision in MIXED_PRECISION, "mixed_precision", " or ".join(MIXED_PRECISION)),
+            (self.prediction_type in (None, *PREDICTION_TYPES), "prediction_type", " or ".join(PREDICTION_TYPES)),
             (self.quant in TRAIN_QUANT, "quant", " or ".join(TRAIN_QUANT)),
             (self.method in TRAIN_METHODS, "method", " or ".join(TRAIN_METHODS)),
             (self.targets in UNET_PRESETS, "targets", " or ".join(UNET_PRESETS)),
             (self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0), "resolution",
              "a multiple of 8"),
+            (self.bucket_step is None or self.bucket_step >= 8, "bucket_step", "at least 8"),
+            (self.min_bucket is None or self.max_bucket is None or self.min_bucket <= self.max_bucket, "min_bucket",
+             "at most max_bucket"),
         ]
         for ok, field, want in checks:
             if not ok:

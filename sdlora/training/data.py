@@ -115,9 +115,11 @@ def process_caption(caption: str, rng: random.Random, trigger: str | None = None
     return ", ".join(tags)
 
 
-def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
-    """(width, height) pairs, sides multiples of `step`, area at most resolution^2, aspect ratio
-    at most `max_ratio`: the square, and for each width the tallest height that fits."""
+def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0, min_side: int | None = None,
+                 max_side: int | None = None) -> list[tuple[int, int]]:
+    """(width, height) pairs, sides multiples of `step` between min_side and max_side, area at most
+    resolution^2, aspect ratio at most `max_ratio`: the square, and for each width the tallest height
+    that fits."""
     area = resolution * resolution
     buckets = set()
     w = step
@@ -128,7 +130,8 @@ def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> lis
             buckets.add((h, w))
         w += step
     buckets.add((resolution // step * step, resolution // step * step))
-    return sorted(buckets)
+    lo, hi = min_side or 0, max_side or 10**9
+    return sorted(b for b in buckets if lo <= min(b) and max(b) <= hi)
 
 
 def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -137,14 +140,32 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
-def fit_to_bucket(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
-    """Scale to cover the bucket, then crop the centre: nothing is stretched."""
+def bucket_crop(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How a (w, h) picture fills a (w, h) bucket: scaled to cover it, then its centre cropped, so nothing
+    is stretched. Returns the scaled size (w, h) and the crop's top-left corner (left, top) in it."""
     bw, bh = bucket
-    scale = max(bw / img.width, bh / img.height)
-    w, h = max(bw, round(img.width * scale)), max(bh, round(img.height * scale))
+    scale = max(bw / size[0], bh / size[1])
+    w, h = max(bw, round(size[0] * scale)), max(bh, round(size[1] * scale))
+    return (w, h), ((w - bw) // 2, (h - bh) // 2)
+
+
+def fit_to_bucket(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """The picture scaled and cropped into the bucket, as bucket_crop says."""
+    (w, h), (left, top) = bucket_crop(img.size, bucket)
     img = img.resize((w, h), Image.LANCZOS)
-    left, top = (w - bw) // 2, (h - bh) // 2
-    return img.crop((left, top, left + bw, top + bh))
+    return img.crop((left, top, left + bucket[0], top + bucket[1]))
+
+
+def sdxl_time_ids(size: tuple[int, int], bucket: tuple[int, int], flipped: bool = False) -> list[float]:
+    """SDXL's six micro-conditioning numbers for a (w, h) picture trained in a (w, h) bucket: original
+    size (h, w), the crop's top-left (top, left) in the scaled picture, target size (h, w), as
+    diffusers' SDXL training scripts (compute_time_ids) and kohya's sd-scripts give them. A mirrored
+    picture's crop is the mirror of the crop: its left is the scaled width minus the crop's right
+    edge, as kohya's sd-scripts compute it."""
+    (scaled_w, _), (left, top) = bucket_crop(size, bucket)
+    if flipped:
+        left = scaled_w - (left + bucket[0])
+    return [float(size[1]), float(size[0]), float(top), float(left), float(bucket[1]), float(bucket[0])]
 
 
 class BucketSampler:

@@ -14,7 +14,6 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..adapter_io import save_adapter
@@ -28,12 +27,12 @@ from .quant_auto import training_quant
 from .optimizers import make_optimizer
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, restore_rngs, save_checkpoint
 from .config import TrainConfig
-from .data import BucketSampler, fit_to_bucket, make_buckets, nearest_bucket, preflight, process_caption
+from .data import BucketSampler, nearest_bucket, preflight, process_caption, sdxl_time_ids
 from .distributed import local_rows, sum_gradients, sum_over_processes
-from .images import load_rgb
+from .latents import cache_latents, training_buckets
 from .logs import TrainLog
-from .loss import diffusion_loss, loss_weights, noise_like, target_for
-from .text_cache import TextEmbeddings
+from .loss import noise_like, training_loss
+from .text_cache import TextEmbeddings, unet_conditioning
 from .validation import holdout_indices, validation_grid, validation_loss
 
 
@@ -42,24 +41,6 @@ class TrainResult:
     adapter: Path
     losses: list[float]
     seconds: float
-
-
-def _bucket_step(pipe) -> int:
-    """Picture sides must divide down to whole latents at the UNet's deepest level."""
-    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-
-
-@torch.no_grad()
-def _cache_latents(pipe, items, buckets) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per picture: the VAE posterior's mean and std, (4, h, w) each, encoded once."""
-    vae = pipe.vae
-    cache = []
-    for item, bucket in zip(items, buckets):
-        rgb = np.asarray(fit_to_bucket(load_rgb(item.image), bucket), dtype=np.float32)  # (H, W, 3)
-        x = torch.from_numpy(rgb).permute(2, 0, 1)[None] / 127.5 - 1.0  # (1, 3, H, W) in [-1, 1]
-        dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-        cache.append((dist.mean[0].float().cpu(), dist.std[0].float().cpu()))
-    return cache
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -133,7 +114,8 @@ class _Run:
     step: int = 0
     epoch: int = 0
     batch_index: int = 0
-    held_out_hidden: object = None
+    time_ids: list | None = None  # SDXL: per picture (6,), from its size and bucket; None for SD1/SD2
+    held_out_cond: object = None  # the held-out captions' (hidden, pooled)
     log: object = None
 
     @property
@@ -168,28 +150,33 @@ def _setup(cfg: TrainConfig) -> _Run:
     items = preflight(cfg.data_dir, skip_bad=cfg.skip_bad_images)
     held_out = holdout_indices(len(items), cfg.validation_split, cfg.seed)
     base = load_base(cfg.base, device=accelerator.device)
-    if base.family == "sdxl":
-        raise SdloraError("training on SDXL bases is not supported yet", "train on an SD1 or SD2 base")
     cfg = replace(cfg, quant=training_quant(cfg.quant, base.pipe.unet))  # "auto" -> what ran, for the summary
     if cfg.quant != "none":
         base.quantize(cfg.quant)
     adapter_cfg = AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
-    base.add_adapter(cfg.name, adapter_cfg, targets=cfg.targets, text_encoder=cfg.text_encoder)
+    encoder_lrs = _encoder_lrs(cfg, base)
+    base.add_adapter(cfg.name, adapter_cfg, targets=cfg.targets, text_encoder=tuple(encoder_lrs))
     pipe = base.pipe
     if cfg.gradient_checkpointing:
         enable_unet_checkpointing(pipe.unet)
 
-    buckets = make_buckets(cfg.resolution or base.native_size, _bucket_step(pipe))
+    buckets = training_buckets(cfg, base)
     item_buckets = [nearest_bucket(item.size, buckets) for item in items]
-    latents_cache = _cache_latents(pipe, items, item_buckets)
+    latents_cache = cache_latents(pipe, items, item_buckets, cfg.flip)
     train_items = sorted(set(range(len(items))) - set(held_out))
     sampler = BucketSampler([item_buckets[i] for i in train_items], cfg.batch_size, cfg.seed, cfg.repeats)
-    texts = TextEmbeddings(pipe, trainable=cfg.text_encoder, device=accelerator.device)
+    texts = TextEmbeddings(pipe, trainable=bool(encoder_lrs), device=accelerator.device)
+    # (6,) per picture, and with flip its mirror's: [..., (plain, mirrored)]
+    time_ids = ([(torch.tensor(sdxl_time_ids(item.size, b)), torch.tensor(sdxl_time_ids(item.size, b, flipped=True)))
+                 for item, b in zip(items, item_buckets)] if base.family == "sdxl" else None)
 
     layers = {f"{role}/{path}": layer for role, model in base.models().items()
               for path, layer in adapter_layers(model).items()}
-    optimizer = make_optimizer(cfg.optimizer, param_groups(layers, cfg.name, cfg.lr, cfg.loraplus_ratio),
-                               accelerator.device)
+    groups = []
+    for role, lr in {"unet": cfg.lr, **encoder_lrs}.items():  # each model's adapter at its own learning rate
+        groups += param_groups({k: v for k, v in layers.items() if k.startswith(role + "/")}, cfg.name, lr,
+                               cfg.loraplus_ratio)
+    optimizer = make_optimizer(cfg.optimizer, groups, accelerator.device)
     optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the schedule steps once per step here
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     trained = {f"{key}.{pname}": p for key, layer in layers.items() if cfg.name in layer.adapters
@@ -197,8 +184,23 @@ def _setup(cfg: TrainConfig) -> _Run:
     # The exponential moving average of the adapter, saved in checkpoints too so resume stays exact.
     ema = {k: p.detach().clone() for k, p in trained.items()} if cfg.ema_decay else {}
     return _Run(cfg, out_dir, ckpt_dir, accelerator, precision, base, items, held_out, train_items, latents_cache,
-                sampler, texts, optimizer, schedule, training_scheduler(base), float(pipe.vae.config.scaling_factor),
-                torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed), Mix({cfg.name: 1.0}), trained, ema)
+                sampler, texts, optimizer, schedule, training_scheduler(base, cfg.prediction_type, cfg.zero_terminal_snr),
+                float(pipe.vae.config.scaling_factor),
+                torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed), Mix({cfg.name: 1.0}), trained, ema,
+                time_ids=time_ids)
+
+
+def _encoder_lrs(cfg: TrainConfig, base) -> dict[str, float]:
+    """The text encoders that get the adapter, each with its learning rate: --text-encoder-lr (default
+    --lr), SDXL's second --text-encoder-2-lr (default the first's); a rate of 0 leaves that encoder
+    without an adapter, as in kohya's sd-scripts. Empty without --text-encoder."""
+    if not cfg.text_encoder:
+        return {}
+    first = cfg.lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
+    lrs = {"text_encoder": first}
+    if "text_encoder_2" in base.models():
+        lrs["text_encoder_2"] = first if cfg.text_encoder_2_lr is None else cfg.text_encoder_2_lr
+    return {role: lr for role, lr in lrs.items() if lr > 0}
 
 
 def _resume(run: _Run) -> None:
@@ -221,12 +223,13 @@ def _validate(run: _Run, at_step: int) -> None:
     """Held-out loss and validation pictures (main process; the others wait)."""
     cfg, base = run.cfg, run.base
     if run.main and run.held_out:
-        if run.held_out_hidden is None or cfg.text_encoder:  # a trained encoder's outputs change: redo them
+        if run.held_out_cond is None or run.texts.trainable:  # a trained encoder's outputs change: redo them
             with torch.no_grad(), base.mixer.apply(run.mix, mode="unfused"):  # captions as trained, unshuffled
-                run.held_out_hidden = run.texts([process_caption(run.items[i].caption, random.Random(0), cfg.trigger)
-                                                 for i in run.held_out])
-        value = validation_loss(base, cfg.name, [run.latents_cache[i][0] for i in run.held_out], run.held_out_hidden,
-                                run.noise_scheduler, run.scaling, cfg.seed)
+                run.held_out_cond = run.texts([process_caption(run.items[i].caption, random.Random(0), cfg.trigger)
+                                               for i in run.held_out])
+        time_ids = [run.time_ids[i][0] for i in run.held_out] if run.time_ids else None
+        value = validation_loss(base, cfg.name, [run.latents_cache[i][0] for i in run.held_out], run.held_out_cond,
+                                run.noise_scheduler, run.scaling, cfg.seed, time_ids)
         run.val_losses.append((at_step, value))
         run.log.validation(at_step, value)
     if run.main and cfg.validation_prompts:
@@ -242,21 +245,22 @@ def _batch_loss(run: _Run, batch: list[int]) -> float:
     # The whole global batch's randomness is drawn on every process; each keeps its rows.
     captions = [process_caption(run.items[i].caption, run.rng, cfg.trigger, cfg.shuffle_tags, cfg.keep_tokens,
                                 cfg.caption_dropout) for i in batch]
-    mean = torch.stack([run.latents_cache[i][0] for i in batch])  # (B, C, h, w)
-    std = torch.stack([run.latents_cache[i][1] for i in batch])
+    flips = [cfg.flip and run.rng.random() < 0.5 for _ in batch]  # drawn only with --flip: runs without are as before
+    mean = torch.stack([run.latents_cache[i][2 * f] for i, f in zip(batch, flips)])  # (B, C, h, w)
+    std = torch.stack([run.latents_cache[i][2 * f + 1] for i, f in zip(batch, flips)])
     latents = (mean + std * torch.randn(mean.shape, generator=run.gen)) * run.scaling
     noise = noise_like(latents, run.gen, cfg.noise_offset)
     t = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (len(batch),), generator=run.gen)
     mine = local_rows(len(batch), rank, world)
+    time_ids = torch.stack([run.time_ids[i][f] for i, f in zip(batch, flips)])[mine] if run.time_ids else None  # (B, 6)
     latents, noise, t = latents[mine].to(accelerator.device), noise[mine].to(accelerator.device), t[mine]
     share = torch.zeros((), device=accelerator.device)  # stays 0 on a process with no rows
     if len(t):
         with accelerator.autocast(), run.base.mixer.apply(run.mix, mode="unfused"):
-            noisy = run.noise_scheduler.add_noise(latents, noise, t.to(latents.device))
-            pred = run.base.pipe.unet(noisy, t.to(latents.device), run.texts(captions[mine])).sample
+            cond = unet_conditioning(*run.texts(captions[mine]), time_ids)
             # This process's share of the batch mean: summed over processes it is the mean.
-            share = diffusion_loss(pred, target_for(run.noise_scheduler, latents, noise, t),
-                                   loss_weights(run.noise_scheduler, t, cfg.min_snr_gamma)) * len(t) / len(batch)
+            share = training_loss(run.base.pipe.unet, run.noise_scheduler, latents, noise, t.to(latents.device), cond,
+                                  cfg.min_snr_gamma) * len(t) / len(batch)
             accelerator.backward(share / cfg.grad_accum)
     return sum_over_processes(share.detach(), accelerator).item()
 
@@ -307,15 +311,18 @@ def _finish(run: _Run, t0: float) -> TrainResult:
         with torch.no_grad():
             for key, e in run.ema.items():
                 run.trained[key].copy_(e)  # the written adapter is the average
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
+    for model in run.base.models().values():
+        model.eval()
     _validate(run, run.step)
     run.log.close()
     summary = {**asdict(cfg), "steps_done": run.step, "epochs": run.epoch, "pictures": len(run.train_items),
                "held_out": len(run.held_out), "final_loss": run.losses[-1],
                "processes": run.accelerator.num_processes, "precision": run.precision,
                "final_val_loss": run.val_losses[-1][1] if run.val_losses else None,
-               "seconds": round(time.time() - t0, 1)}
+               "seconds": round(time.time() - t0, 1),
+               # what the adapter was trained to predict, on which schedule: generation and bake read them
+               "prediction_type": run.noise_scheduler.config.prediction_type,
+               "zero_terminal_snr": bool(run.noise_scheduler.config.get("rescale_betas_zero_snr", False))}
     path = run.out_dir / f"{cfg.name}.safetensors"
     if run.main:
         save_adapter(run.base, cfg.name, path, "sdlora", trigger_words=[cfg.trigger] if cfg.trigger else [],

@@ -35,10 +35,20 @@ def loss_weights(scheduler, timesteps: torch.Tensor, gamma: float | None) -> tor
     alphas = scheduler.alphas_cumprod.to(torch.float32)[timesteps.cpu()]  # (B,)
     snr = alphas / (1 - alphas)
     denom = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
-    return torch.clamp(snr, max=gamma) / denom
+    # Zero terminal SNR makes the last timestep's snr exactly 0: its epsilon weight is 0 / 0, taken as 0.
+    return torch.where(denom > 0, torch.clamp(snr, max=gamma) / denom.clamp(min=1e-20), torch.zeros_like(snr))
 
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of weight x per-sample MSE; computed in fp32 whatever the model ran in."""
     per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.dim())))  # (B,)
     return (weights.to(per_sample.device) * per_sample).mean()
+
+
+def training_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: dict,
+                  gamma: float | None) -> torch.Tensor:
+    """One batch's objective: latents (B, C, h, w) noised to `timesteps` (B,), the UNet's prediction under
+    `cond` (text_cache.unet_conditioning) against the base's target, min-SNR weighted."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, **cond).sample
+    return diffusion_loss(pred, target_for(scheduler, latents, noise, timesteps), loss_weights(scheduler, timesteps, gamma))

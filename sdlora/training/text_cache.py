@@ -1,7 +1,12 @@
-"""Text-encoder outputs for the captions a step trains on, cached when the encoder is frozen.
+"""Text-encoder outputs for the captions a step trains on, cached when the encoders are frozen.
 
 Captions change from step to step (dropout, shuffled tags), so the cache is filled on demand,
 one caption at a time: a caption always gets the same embedding, whatever batch it is in.
+
+SD1/SD2: the encoder's last hidden states (77, dim). SDXL, as its pipeline and diffusers' SDXL
+training scripts (train_dreambooth_lora_sdxl.py, encode_prompt) compute them: each encoder's
+penultimate hidden states, concatenated on the feature axis (77, dim1 + dim2), and the second
+encoder's pooled, projected embedding (proj,), which the UNet takes with the time ids.
 """
 
 from __future__ import annotations
@@ -11,21 +16,47 @@ import torch
 
 class TextEmbeddings:
     def __init__(self, pipe, trainable: bool, device):
-        self.pipe, self.trainable, self.device = pipe, trainable, device
-        self.cache: dict[str, torch.Tensor] = {}  # caption -> (77, dim), fp32, on `device`
+        self.trainable, self.device = trainable, device
+        self.encoders = [(pipe.tokenizer, pipe.text_encoder)]
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            self.encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
+        self.sdxl = len(self.encoders) == 2
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # caption -> (hidden, pooled), fp32
 
-    def _encode(self, captions: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device)
-        return self.pipe.text_encoder(ids)[0]  # (B, 77, dim)
+    def _ids(self, tokenizer, captions: list[str]) -> torch.Tensor:
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)  # (B, 77)
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        """(B, 77, dim) hidden states: with gradients when the encoder trains, else from the cache."""
+    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.sdxl:
+            tokenizer, encoder = self.encoders[0]
+            return encoder(self._ids(tokenizer, captions))[0], None  # (B, 77, dim)
+        hidden, pooled = [], None
+        for tokenizer, encoder in self.encoders:
+            out = encoder(self._ids(tokenizer, captions), output_hidden_states=True, return_dict=False)
+            hidden.append(out[-1][-2])  # (B, 77, dim_i): the penultimate layer
+            pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds (B, proj)
+        return torch.cat(hidden, dim=-1), pooled
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 77, dim) hidden states and (B, proj) pooled embeddings (None for SD1/SD2): with gradients
+        when an encoder trains, else from the cache."""
         if self.trainable:
             return self._encode(captions)
         with torch.no_grad():
             for caption in captions:
                 if caption not in self.cache:
-                    self.cache[caption] = self._encode([caption])[0].float()
-        return torch.stack([self.cache[c] for c in captions])
+                    hidden, pooled = self._encode([caption])
+                    self.cache[caption] = (hidden[0].float(), None if pooled is None else pooled[0].float())
+        hidden = torch.stack([self.cache[c][0] for c in captions])
+        pooled = torch.stack([self.cache[c][1] for c in captions]) if self.sdxl else None
+        return hidden, pooled
+
+
+def unet_conditioning(hidden: torch.Tensor, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
+    """The UNet's keyword arguments beyond (sample, timestep): the hidden states, and for SDXL the
+    added conditions, pooled embedding (B, proj) and time ids (B, 6)."""
+    kwargs = {"encoder_hidden_states": hidden}
+    if pooled is not None:
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(hidden.device, hidden.dtype)}
+    return kwargs

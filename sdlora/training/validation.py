@@ -9,6 +9,7 @@ import torch
 
 from ..mixing import Mix
 from .loss import target_for
+from .text_cache import unet_conditioning
 
 
 def holdout_indices(count: int, split: float, seed: int) -> list[int]:
@@ -19,11 +20,12 @@ def holdout_indices(count: int, split: float, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def validation_loss(base, name: str, latents: list[torch.Tensor], hidden: torch.Tensor, noise_scheduler,
-                    scaling: float, seed: int) -> float:
+def validation_loss(base, name: str, latents: list[torch.Tensor], cond: tuple, noise_scheduler,
+                    scaling: float, seed: int, time_ids: list[torch.Tensor] | None = None) -> float:
     """Mean plain MSE of the UNet's prediction on held-out latents, under the adapter.
 
-    latents: per picture (4, h, w), the VAE posterior mean; hidden: (N, 77, dim), their captions.
+    latents: per picture (C, h, w), the VAE posterior mean; cond: their captions' hidden states
+    (N, 77, dim) and pooled embeddings (N, proj) or None; time_ids: SDXL's (6,) per picture.
     Each picture is scored at four timesteps spread over the schedule with noise from `seed`, the
     same every time, so the curve moves only because the adapter does."""
     unet = base.pipe.unet
@@ -32,12 +34,17 @@ def validation_loss(base, name: str, latents: list[torch.Tensor], hidden: torch.
     timesteps = torch.tensor([total_t // 8, 3 * total_t // 8, 5 * total_t // 8, 7 * total_t // 8])
     gen = torch.Generator().manual_seed(seed)
     losses = []
+    hidden, pooled = cond
+    n = len(timesteps)
     with base.mixer.apply(Mix({name: 1.0}), mode="unfused"):
-        for lat, h in zip(latents, hidden):
+        for i, (lat, h) in enumerate(zip(latents, hidden)):
             x0 = (lat[None] * scaling).expand(len(timesteps), -1, -1, -1).to(device)  # (4, 4, h, w)
             noise = torch.randn(x0.shape, generator=gen).to(device)
             noisy = noise_scheduler.add_noise(x0, noise, timesteps.to(device))
-            pred = unet(noisy, timesteps.to(device), h[None].expand(len(timesteps), -1, -1).to(device)).sample
+            kwargs = unet_conditioning(h[None].expand(n, -1, -1).to(device),
+                                       None if pooled is None else pooled[i][None].expand(n, -1).to(device),
+                                       None if time_ids is None else time_ids[i][None].expand(n, -1))
+            pred = unet(noisy, timesteps.to(device), **kwargs).sample
             target = target_for(noise_scheduler, x0, noise, timesteps.to(device))
             losses.append((pred.float() - target.float()).pow(2).mean().item())
     return sum(losses) / len(losses)
