@@ -22,11 +22,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-results.json"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", nargs="*", choices=["memory", "train", "generate"], default=None)
+    ap.add_argument("--only", nargs="*", choices=["memory", "train", "train-sdxl", "generate"], default=None)
     args = ap.parse_args(argv)
     runs = 3 if args.quick else 5
     where = machine()
-    sections = args.only or ["memory", "train", "generate"]
+    sections = args.only or ["memory", "train", "generate"] + ([] if args.quick else ["train-sdxl"])
     rows: list[Row] = []
     t0 = time.time()
     if "memory" in sections:
@@ -39,6 +39,11 @@ def main(argv=None) -> int:
 
         rows += train_step.run(where, runs=runs)
         print(f"[training done at {time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
+    if "train-sdxl" in sections:
+        from . import train_step
+
+        rows += train_step.run_sdxl(where)
+        print(f"[SDXL training done at {time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
     if "generate" in sections:
         from . import generation
 

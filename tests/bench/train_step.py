@@ -20,18 +20,33 @@ from contextlib import nullcontext
 
 import torch
 
-from .common import Row, paired_times, peak_bytes, reset_peak, rss_bytes, sd15_unet
+from .common import CONFIGS, Row, paired_times, peak_bytes, reset_peak, rss_bytes, sd15_unet
+
+SDXL_SIDE = 32  # latents (256 px) for the SDXL rows on the CPU: a 2.6B-parameter UNet step takes minutes beyond
 
 
-def build(impl: str, quant: str, targets: str):
-    """(one training step as a callable, trainable parameter count)."""
+def sdxl_unet(seed: int = 0):
+    """The real SDXL UNet architecture from its published config (tests/configs/sdxl_unet.json), random weights."""
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads((CONFIGS / "sdxl_unet.json").read_text())
+    config.pop("_class_name", None)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config).eval()
+
+
+def build(impl: str, quant: str, targets: str, arch: str = "sd15", checkpointing: bool = False):
+    """(one training step as a callable, trainable parameter count). arch sdxl: SDXL's UNet with its added
+    conditions, at SDXL_SIDE latents; checkpointing: each side's gradient checkpointing (ours keeps the mix
+    in the recomputation, the reference is diffusers' own)."""
     from sdlora.inject import adapter_parameters
     from sdlora.mixing import Mix
     from sdlora.quant import quantize_model
+    from sdlora.training.loop import enable_unet_checkpointing
 
     from . import adapters
 
-    unet = sd15_unet()
+    unet = sdxl_unet() if arch == "sdxl" else sd15_unet()
     if quant == "nf4":
         quantize_model(unet, "nf4", convs=impl == "ours")  # the reference: NF4 on linear layers, as diffusers
     if impl == "ours":
@@ -46,15 +61,22 @@ def build(impl: str, quant: str, targets: str):
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    if checkpointing:
+        enable_unet_checkpointing(unet) if impl == "ours" else unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    x, target = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 4, 32, 32, generator=g)
-    hidden, t = torch.randn(1, 77, 768, generator=g), torch.tensor([500])
+    side = SDXL_SIDE if arch == "sdxl" else 32
+    x, target = torch.randn(1, 4, side, side, generator=g), torch.randn(1, 4, side, side, generator=g)
+    hidden, t = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g), torch.tensor([500])
+    extra = {}
+    if arch == "sdxl":  # the pooled embedding (1, 1280) and the six time ids
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280, generator=g),
+                                      "time_ids": torch.tensor([[8.0 * side, 8 * side, 0, 0, 8 * side, 8 * side]])}
 
     def step():
         with context():
-            loss = torch.nn.functional.mse_loss(unet(x, t, hidden).sample, target)
+            loss = torch.nn.functional.mse_loss(unet(x, t, hidden, **extra).sample, target)
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -62,14 +84,14 @@ def build(impl: str, quant: str, targets: str):
     return step, sum(p.numel() for p in params)
 
 
-def peak_memory(impl: str, quant: str, targets: str) -> dict:
+def peak_memory(impl: str, quant: str, targets: str, arch: str = "sd15", checkpointing: bool = False) -> dict:
     """In a fresh process: peak resident bytes above the size after imports, over two steps."""
     import importlib
 
     for module in ("diffusers", "peft", "sdlora.quant", "sdlora.mixing"):  # both sides' imports, before the baseline
         importlib.import_module(module)
     baseline = rss_bytes()
-    step, trainable = build(impl, quant, targets)
+    step, trainable = build(impl, quant, targets, arch, checkpointing)
     gc.collect()
     reset_peak()
     step()
@@ -81,6 +103,24 @@ def peak_memory(impl: str, quant: str, targets: str) -> dict:
 # quantizing it would stay resident as free heap and hide the quantized model's real size. A fixed
 # threshold (the same for both sides) hands every large freed block back to the system.
 _ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_sdxl(machine: str, runs: int = 3) -> list[Row]:
+    """SDXL's UNet, NF4 base (ours: linear and conv layers; the reference: diffusers' linear layers), attention
+    LoRA, gradient checkpointing on both sides: time and peak memory of one step, ours over the reference."""
+    mem = {}
+    for impl in ("ours", "reference"):
+        proc = subprocess.run([sys.executable, "-m", "tests.bench.train_step", impl, "nf4", "attn", "--sdxl"],
+                              capture_output=True, text=True, check=True, env=_ENV)
+        mem[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert mem["ours"]["trainable"] == mem["reference"]["trainable"], mem
+    ours_step, _ = build("ours", "nf4", "attn", "sdxl", checkpointing=True)
+    ref_step, _ = build("reference", "nf4", "attn", "sdxl", checkpointing=True)
+    ours_ms, ref_ms = paired_times(ours_step, ref_step, runs, warmup=1)
+    note = f"{SDXL_SIDE}x{SDXL_SIDE} latents, gradient checkpointing, {mem['ours']['trainable'] / 1e6:.2f} M trainable"
+    return [Row("sdxl train step nf4 base, attn (ms)", ours_ms, ref_ms, "ms", 1.0, machine, note=note),
+            Row("sdxl train step nf4 base, attn peak memory (MB)", mem["ours"]["peak_bytes"] / 2**20,
+                mem["reference"]["peak_bytes"] / 2**20, "MB", 0.6, machine, note=note)]
 
 
 def run(machine: str, runs: int = 5) -> list[Row]:
@@ -111,5 +151,6 @@ if __name__ == "__main__":
     ap.add_argument("impl", choices=["ours", "reference"])
     ap.add_argument("quant", choices=["none", "nf4"])
     ap.add_argument("targets", choices=["attn", "linear"])
+    ap.add_argument("--sdxl", action="store_true", help="SDXL's UNet with gradient checkpointing")
     a = ap.parse_args()
-    print(json.dumps(peak_memory(a.impl, a.quant, a.targets)))
+    print(json.dumps(peak_memory(a.impl, a.quant, a.targets, "sdxl" if a.sdxl else "sd15", a.sdxl)))
