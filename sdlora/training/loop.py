@@ -183,9 +183,9 @@ def _setup(cfg: TrainConfig) -> _Run:
                for pname, p in layer.adapters[cfg.name].named_parameters()}
     # The exponential moving average of the adapter, saved in checkpoints too so resume stays exact.
     ema = {k: p.detach().clone() for k, p in trained.items()} if cfg.ema_decay else {}
+    noise_scheduler = training_scheduler(base, cfg.prediction_type, cfg.zero_terminal_snr)
     return _Run(cfg, out_dir, ckpt_dir, accelerator, precision, base, items, held_out, train_items, latents_cache,
-                sampler, texts, optimizer, schedule, training_scheduler(base, cfg.prediction_type, cfg.zero_terminal_snr),
-                float(pipe.vae.config.scaling_factor),
+                sampler, texts, optimizer, schedule, noise_scheduler, float(pipe.vae.config.scaling_factor),
                 torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed), Mix({cfg.name: 1.0}), trained, ema,
                 time_ids=time_ids)
 
