@@ -219,7 +219,8 @@ def load_adapter(base, path: str | Path, name: str | None = None, *, replace: bo
         for model, mpath in newly_wrapped:
             model.set_submodule(mpath, model.get_submodule(mpath).base_layer)
         raise
-    base.adapter_info[name] = {"config": af.config, "file": path, "format": af.format, "method": af.method}
+    base.adapter_info[name] = {"config": af.config, "file": path, "format": af.format, "method": af.method,
+                               "training": af.training}
     return Loaded(name, af, len(plan), notes)
 
 

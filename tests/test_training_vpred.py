@@ -57,6 +57,13 @@ def test_a_v_prediction_zero_terminal_snr_run_says_so_in_its_files(tmp_path):
         meta = f.metadata()
     assert meta["ss_v_parameterization"] == "True" and meta["modelspec.prediction_type"] == "v"
     assert json.loads(meta["sdlora_training"])["zero_terminal_snr"] is True
+    # baked into the (epsilon) embedded base, the folder's scheduler says what the adapter was trained for
+    baked = tmp_path / "baked"
+    subprocess.run([sys.executable, "-m", "sdlora", "bake", f"{out / 'adapter.safetensors'}:1", "--out", str(baked)],
+                   check=True, capture_output=True, timeout=600)
+    config = json.loads((baked / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"] is True
+    assert config["timestep_spacing"] == "trailing" and load_base(str(baked)).family == "sd1"
 
 
 def test_generation_on_a_zero_terminal_snr_base_starts_at_the_last_timestep_and_rescales_guidance(tiny_sd2_ztsnr_dir):

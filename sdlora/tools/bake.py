@@ -36,12 +36,35 @@ def bake(base, mix, out_dir: str | Path) -> BakeReport:
     if out.exists() and any(out.iterdir()):
         raise SdloraError(f"{out} exists and is not empty", "pass a new folder to --out")
     quantized = any(is_quantized(layer.base_layer) for layer in base.mixer.layers().values()) or base.quant
+    scheduler = _trained_schedule(base, mix)
     with atomic_folder(out) as tmp:
-        layers, err = (_bake_quantized if quantized else _bake_float)(base, mix, tmp)
+        layers, err = (_bake_quantized if quantized else _bake_float)(base, mix, tmp, scheduler)
     return BakeReport(out, layers, err)
 
 
-def _bake_quantized(base, mix, tmp: Path) -> tuple[int, float]:
+def _trained_schedule(base, mix) -> dict:
+    """The scheduler the baked folder needs: the base's own, unless the mix's adapters were trained for another
+    prediction type or for zero terminal SNR (their training summaries say), which the folder must then carry.
+    Returns `save`'s replacement components: {} or {"scheduler": ...}."""
+    wanted = set()
+    for name, weights in mix.adapters.items():
+        training = base.adapter_info.get(name, {}).get("training") or {}
+        if "prediction_type" in training and weights.unet != 0:  # what the UNet predicts is the UNet's part
+            wanted.add((training["prediction_type"], bool(training.get("zero_terminal_snr"))))
+    if len(wanted) > 1:
+        raise SdloraError(f"the mix's adapters were trained for different schedules: {sorted(wanted)}",
+                          "bake adapters trained with one --prediction-type and --zero-terminal-snr setting")
+    config = base.pipe.scheduler.config
+    current = (config.get("prediction_type", "epsilon"), bool(config.get("rescale_betas_zero_snr", False)))
+    if not wanted or wanted == {current}:
+        return {}
+    prediction, zero_snr = wanted.pop()
+    extra = {"timestep_spacing": "trailing"} if zero_snr else {}
+    return {"scheduler": type(base.pipe.scheduler).from_config(config, prediction_type=prediction,
+                                                               rescale_betas_zero_snr=zero_snr, **extra)}
+
+
+def _bake_quantized(base, mix, tmp: Path, scheduler: dict) -> tuple[int, float]:
     import torch
 
     from ..quant import float_state_dict, requantized
@@ -68,11 +91,11 @@ def _bake_quantized(base, mix, tmp: Path) -> tuple[int, float]:
         fresh = type(model).from_config(model.config) if hasattr(type(model), "from_config") else type(model)(model.config)
         fresh.load_state_dict(sd, strict=True)
         new_models[role] = fresh
-    base.save(tmp, **new_models)
+    base.save(tmp, **new_models, **scheduler)
     return changed, (lost_sq / change_sq) ** 0.5 if change_sq else 0.0
 
 
-def _bake_float(base, mix, tmp: Path) -> tuple[int, float]:
+def _bake_float(base, mix, tmp: Path, scheduler: dict) -> tuple[int, float]:
     changed = 0
     with base.mixer.apply(mix, mode="fused"):
         wrappers = {role: adapter_layers(model) for role, model in base.models().items()}
@@ -81,7 +104,7 @@ def _bake_float(base, mix, tmp: Path) -> tuple[int, float]:
         try:
             for model in base.models().values():
                 unwrap(model)  # the plain modules, now holding W0 + sum w_i D_i
-            base.save(tmp)
+            base.save(tmp, **scheduler)
         finally:
             for role, model in base.models().items():
                 for name, layer in wrappers[role].items():
