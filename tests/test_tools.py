@@ -5,7 +5,7 @@ import torch
 
 from sdlora.adapter_io import adapter_from_base, load_adapter, save_adapter
 from sdlora.errors import SdloraError
-from sdlora.mixing import Mix
+from sdlora.mixing import AdapterWeights, Mix
 from sdlora.pipelines import load_base
 from sdlora.tools.bake import bake
 from sdlora.tools.extract import extract
@@ -122,3 +122,20 @@ def test_bake_into_a_quantized_base_requantizes_and_reports(two, tmp_path):
     want = outputs(base, mix=Mix({"a": 0.8}))
     for got, w in zip(outputs(baked), want):
         assert float((got - w).norm() / w.norm()) < 0.3
+
+
+def test_bake_writes_the_schedule_the_adapters_were_trained_for_and_refuses_two_schedules(tmp_path):
+    import json
+
+    base = trained(trained(load_base("embedded"), "vpred", "lora", "attn"), "eps", "lora", "attn", seed=5)
+    base.adapter_info["vpred"]["training"] = {"prediction_type": "v_prediction", "zero_terminal_snr": True}
+    base.adapter_info["eps"]["training"] = {"prediction_type": "epsilon", "zero_terminal_snr": False}
+    with pytest.raises(SdloraError, match="trained for different schedules"):
+        bake(base, Mix({"vpred": 1.0, "eps": 1.0}), tmp_path / "both")
+    assert not (tmp_path / "both").exists()
+    bake(base, Mix({"vpred": 1.0, "eps": AdapterWeights(unet=0.0, text_encoder=1.0)}), tmp_path / "v")
+    config = json.loads((tmp_path / "v" / "scheduler" / "scheduler_config.json").read_text())
+    assert (config["prediction_type"], config["rescale_betas_zero_snr"]) == ("v_prediction", True)
+    bake(base, Mix({"eps": 1.0}), tmp_path / "eps")
+    config = json.loads((tmp_path / "eps" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "epsilon" and not config.get("rescale_betas_zero_snr")
