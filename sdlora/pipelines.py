@@ -299,11 +299,38 @@ def make_scheduler(name: str, base_config):
     if name not in SCHEDULERS:
         raise SdloraError(f"unknown scheduler '{name}'", f"choose one of: {', '.join(SCHEDULERS)}")
     cls_name, extra = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
     if base_config.get("rescale_betas_zero_snr"):
+        if not carries_zero_terminal_snr(cls):  # it would sample the rescaled base on the old betas, silently
+            able = [n for n, (c, _) in SCHEDULERS.items() if carries_zero_terminal_snr(getattr(diffusers, c))]
+            raise SdloraError(f"scheduler '{name}' cannot sample a zero-terminal-SNR base", f"choose one of: {', '.join(able)}")
         # A zero-terminal-SNR base must start sampling at the last timestep, where the picture is pure
         # noise: "trailing" spacing (Lin et al. 2024, "Common Diffusion Noise Schedules ... Are Flawed").
         extra = {**extra, "timestep_spacing": "trailing"}
-    return getattr(diffusers, cls_name).from_config(base_config, **extra)
+    return cls.from_config(base_config, **extra)
+
+
+def retrained_scheduler(base: Base, prediction_type: str, zero_terminal_snr: bool):
+    """The base's sampler with another prediction type and/or zero terminal SNR (trailing spacing), for a
+    baked folder that must sample what its adapters were trained for. A sampler class that cannot carry
+    zero terminal SNR (SD1.5's PNDM) becomes Euler, which can."""
+    import diffusers
+
+    cls = type(base.pipe.scheduler)
+    if zero_terminal_snr and not carries_zero_terminal_snr(cls):
+        cls = diffusers.EulerDiscreteScheduler
+    extra = {"rescale_betas_zero_snr": zero_terminal_snr} if carries_zero_terminal_snr(cls) else {}
+    if zero_terminal_snr:
+        extra["timestep_spacing"] = "trailing"
+    return cls.from_config(base.pipe.scheduler.config, prediction_type=prediction_type, **extra)
+
+
+def carries_zero_terminal_snr(scheduler_class) -> bool:
+    """Whether a diffusers scheduler class takes rescale_betas_zero_snr (Euler, DDIM, DPM++, UniPC do;
+    PNDM, LMS and Heun do not, and from_config would drop the setting without a word)."""
+    import inspect
+
+    return "rescale_betas_zero_snr" in inspect.signature(scheduler_class.__init__).parameters
 
 
 def training_scheduler(base: Base, prediction_type: str | None = None, zero_terminal_snr: bool = False):

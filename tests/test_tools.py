@@ -136,6 +136,14 @@ def test_bake_writes_the_schedule_the_adapters_were_trained_for_and_refuses_two_
     bake(base, Mix({"vpred": 1.0, "eps": AdapterWeights(unet=0.0, text_encoder=1.0)}), tmp_path / "v")
     config = json.loads((tmp_path / "v" / "scheduler" / "scheduler_config.json").read_text())
     assert (config["prediction_type"], config["rescale_betas_zero_snr"]) == ("v_prediction", True)
+    # SD1.5 folders ship PNDM, which cannot hold zero terminal SNR: the baked folder samples with Euler
+    from diffusers import PNDMScheduler
+
+    base.pipe.scheduler = PNDMScheduler.from_config(base.pipe.scheduler.config)
+    bake(base, Mix({"vpred": 1.0}), tmp_path / "pndm")
+    config = json.loads((tmp_path / "pndm" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "EulerDiscreteScheduler" and config["rescale_betas_zero_snr"] is True
+    assert config["prediction_type"] == "v_prediction" and config["timestep_spacing"] == "trailing"
     bake(base, Mix({"eps": 1.0}), tmp_path / "eps")
     config = json.loads((tmp_path / "eps" / "scheduler" / "scheduler_config.json").read_text())
     assert config["prediction_type"] == "epsilon" and not config.get("rescale_betas_zero_snr")

@@ -75,6 +75,10 @@ def test_generation_on_a_zero_terminal_snr_base_starts_at_the_last_timestep_and_
     sampler = make_scheduler("euler", base.pipe.scheduler.config)
     sampler.set_timesteps(10)
     assert sampler.config.timestep_spacing == "trailing" and int(sampler.timesteps[0]) == 999
+    from sdlora.errors import SdloraError
+
+    with pytest.raises(SdloraError, match="scheduler 'pndm' cannot sample a zero-terminal-SNR base"):
+        make_scheduler("pndm", base.pipe.scheduler.config)  # it would drop the rescaled betas silently
     settings = GenerateSettings(prompts=("a red circle",), steps=6, seed=2, guidance=7.0, guidance_rescale=0.7)
     ours = np.asarray(generate(base, settings, progress=False)[0].image)
     plain = np.asarray(generate(base, GenerateSettings(prompts=("a red circle",), steps=6, seed=2, guidance=7.0),

@@ -58,10 +58,9 @@ def _trained_schedule(base, mix) -> dict:
     current = (config.get("prediction_type", "epsilon"), bool(config.get("rescale_betas_zero_snr", False)))
     if not wanted or wanted == {current}:
         return {}
-    prediction, zero_snr = wanted.pop()
-    extra = {"timestep_spacing": "trailing"} if zero_snr else {}
-    return {"scheduler": type(base.pipe.scheduler).from_config(config, prediction_type=prediction,
-                                                               rescale_betas_zero_snr=zero_snr, **extra)}
+    from ..pipelines import retrained_scheduler
+
+    return {"scheduler": retrained_scheduler(base, *wanted.pop())}
 
 
 def _bake_quantized(base, mix, tmp: Path, scheduler: dict) -> tuple[int, float]:

@@ -130,6 +130,16 @@ def sd15_unet(dtype=torch.float32, seed: int = 0):
     return UNet2DConditionModel(**config).to(dtype).eval()
 
 
+def sdxl_unet(seed: int = 0):
+    """The real SDXL UNet architecture from its published config, random weights, fp32 (10 GB)."""
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads((CONFIGS / "sdxl_unet.json").read_text())
+    config.pop("_class_name", None)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config).eval()
+
+
 def sd15_text_encoder(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -20,19 +20,9 @@ from contextlib import nullcontext
 
 import torch
 
-from .common import CONFIGS, Row, paired_times, peak_bytes, reset_peak, rss_bytes, sd15_unet
+from .common import Row, paired_times, peak_bytes, reset_peak, rss_bytes, sd15_unet, sdxl_unet
 
 SDXL_SIDE = 32  # latents (256 px) for the SDXL rows on the CPU: a 2.6B-parameter UNet step takes minutes beyond
-
-
-def sdxl_unet(seed: int = 0):
-    """The real SDXL UNet architecture from its published config (tests/configs/sdxl_unet.json), random weights."""
-    from diffusers import UNet2DConditionModel
-
-    config = json.loads((CONFIGS / "sdxl_unet.json").read_text())
-    config.pop("_class_name", None)
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**config).eval()
 
 
 def build(impl: str, quant: str, targets: str, arch: str = "sd15", checkpointing: bool = False):
