@@ -21,15 +21,13 @@ from .errors import SdloraError
 from .formats import kohya, native, peft
 from .formats.adapter import AdapterFile, ModuleWeights
 from .formats.io import read_safetensors, write_safetensors
-from .inject import adapter_layers, text_encoder_targets, unet_targets, wrap
+from .inject import adapter_layers, every_layer, wrap
 
 
 def _modules_of(base) -> dict[str, list[str]]:
-    """Every module a file may adapt, by role: the `all` preset's UNet layers and the text encoders' layers."""
-    out = {}
-    for role, model in base.models().items():
-        out[role] = unet_targets(model, "all") if role == "unet" else text_encoder_targets(model)
-    return out
+    """Every module a file may adapt, by role: every Linear and Conv2d of the UNet and the text encoders,
+    as A1111 and ComfyUI apply any of them (not only the layers of our own target presets)."""
+    return {role: every_layer(model) for role, model in base.models().items()}
 
 
 def _unet_weight_keys(unet) -> list[str]:

@@ -89,6 +89,18 @@ def text_encoder_targets(text_encoder: nn.Module) -> list[str]:
     return names
 
 
+def every_layer(model: nn.Module) -> list[str]:
+    """Every Linear-like or Conv2d-like module, in module order: what a file made by another trainer may
+    adapt (LyCORIS's presets take time_embedding.linear_1/2, conv_in/conv_out; others SDXL's add_embedding,
+    a CLIP text_projection). Grouped or padded convolutions are left out: no adapter can sit on them."""
+    names = []
+    for name, m in _walk(model):
+        if name and (_is_linear_like(m) or _is_conv_like(m)):
+            if isinstance(m, AdapterLayer) or getattr(m, "groups", 1) == 1 and getattr(m, "padding_mode", "zeros") == "zeros":
+                names.append(name)
+    return names
+
+
 def wrap(model: nn.Module, names: list[str], role: str) -> dict[str, AdapterLayer]:
     """Wrap each named module in an AdapterLayer (once; already wrapped ones are returned as they are)."""
     wrapped: dict[str, AdapterLayer] = {}
