@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .choices import BASE_QUANT
 from .errors import SdloraError
@@ -34,10 +35,19 @@ def pick_device(name: str) -> str:
     return name
 
 
-def add_base_flags(p: argparse.ArgumentParser, runs_model: bool = True) -> None:
+FILE_TOOL_BASE_HELP = ("the base whose layer names translate kohya names to and from the canonical ones: "
+                       f"{BASE_HELP.replace(' (default)', '')}. Default: none when the file's own layout is kept "
+                       "(kohya in and out, or canonical in and out), else the embedded base; a file that does "
+                       "not fit the base is refused")
+
+
+def add_base_flags(p: argparse.ArgumentParser, runs_model: bool = True, file_tool: bool = False) -> None:
     """--base and --base-config; with runs_model (commands that compute with the base) also
-    --device and --quant."""
-    p.add_argument("--base", default="embedded", help=f"the base model: {BASE_HELP}")
+    --device and --quant. file_tool: --base is optional (see FILE_TOOL_BASE_HELP)."""
+    if file_tool:
+        p.add_argument("--base", default=None, help=FILE_TOOL_BASE_HELP)
+    else:
+        p.add_argument("--base", default="embedded", help=f"the base model: {BASE_HELP}")
     p.add_argument("--base-config", metavar="DIR", default=None,
                    help="for a single-file --base: a diffusers folder of the same architecture whose configs "
                         "and tokenizer are used, so nothing is fetched from the hub")
@@ -61,6 +71,13 @@ def parse_adapter_spec(spec: str) -> tuple[str, float, float | None]:
             break
         parts.pop()
     path = ":".join(parts)
+    if len(parts) > 1 and not Path(path).exists():  # 'F:abc' where F exists: a weight that is not a number
+        head, _, tail = path.rpartition(":")
+        while head and not Path(head).exists() and ":" in head:
+            head, _, more = head.rpartition(":")
+            tail = f"{more}:{tail}"
+        if Path(head).is_file():
+            raise SdloraError(f"'{spec}': weight '{tail}' of {head} is not a number", f"pass e.g. {head}:0.8 or {head}:0.8:0.5")
     unet_w = weights[0] if weights else 1.0
     te_w = weights[1] if len(weights) > 1 else None
     return path, unet_w, te_w

@@ -19,11 +19,14 @@ def add_tool_parsers(sub) -> None:
 
     e = sub.add_parser("export", help="convert an adapter file to another layout",
                        description="Write ADAPTER in another layout: sdlora (ours, full config), kohya (A1111, "
-                                   "ComfyUI, Forge) or diffusers (PEFT). Module names are resolved against --base.")
+                                   "ComfyUI, Forge) or diffusers (PEFT). kohya names are translated through --base.")
     e.add_argument("adapter", metavar="ADAPTER")
     e.add_argument("--format", required=True, choices=FILE_FORMATS)
     e.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
-    add_base_flags(e, runs_model=False)
+    e.add_argument("--comfyui-dora", action="store_true",
+                   help="kohya DoRA for today's ComfyUI: its weight_decompose divides by the norm of W0, not of W0 + dW "
+                        "(ComfyUI PR #15458); store magnitudes it turns into the paper's weights (needs --base)")
+    add_base_flags(e, runs_model=False, file_tool=True)
     e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("merge", help="merge adapters with weights into one",
@@ -33,7 +36,7 @@ def add_tool_parsers(sub) -> None:
     m.add_argument("adapters", nargs="+", metavar="ADAPTER[:W[:TE_W]]")
     m.add_argument("--out", required=True, metavar="FILE")
     _add_rank_flags(m, required=False)
-    add_base_flags(m, runs_model=False)
+    add_base_flags(m, runs_model=False, file_tool=True)
     m.set_defaults(func=cmd_merge)
 
     r = sub.add_parser("resize", help="change an adapter's rank by SVD",
@@ -42,7 +45,7 @@ def add_tool_parsers(sub) -> None:
     r.add_argument("adapter", metavar="ADAPTER")
     r.add_argument("--out", required=True, metavar="FILE")
     _add_rank_flags(r, required=True)
-    add_base_flags(r, runs_model=False)
+    add_base_flags(r, runs_model=False, file_tool=True)
     r.set_defaults(func=cmd_resize)
 
     x = sub.add_parser("extract", help="extract a LoRA from a fine-tuned model",
@@ -51,7 +54,7 @@ def add_tool_parsers(sub) -> None:
     x.add_argument("--out", required=True, metavar="FILE")
     x.add_argument("--targets", default="all", choices=UNET_PRESETS)
     x.add_argument("--no-text-encoder", action="store_true", help="leave the text encoder(s) out")
-    _add_rank_flags(x, required=True)
+    _add_rank_flags(x, required=True, format_default="sdlora")
     add_base_flags(x, runs_model=False)
     x.set_defaults(func=cmd_extract)
 
@@ -66,14 +69,48 @@ def add_tool_parsers(sub) -> None:
     b.set_defaults(func=cmd_bake)
 
 
+def _layout(path: str) -> str:
+    from .adapter_io import detect_format
+    from .formats.io import read_safetensors
+
+    return detect_format(*read_safetensors(path), path)
+
+
+def _file_tool_base(args, paths: list[str], out_format: str, force: bool = False):
+    """The base a file tool needs, or None. Only kohya names need one, to move between them and the canonical
+    (diffusers) names: kohya in and another layout out, canonical in and kohya out, or both kinds merged."""
+    from .pipelines import load_base
+
+    layouts = {"kohya" if _layout(p) == "kohya" else "canonical" for p in paths}
+    needed = (out_format != "kohya" or len(layouts) > 1) if "kohya" in layouts else out_format == "kohya"
+    if args.base is None and not needed and not force:
+        return None
+    return load_base(args.base or "embedded", device="cpu", config=args.base_config)
+
+
+def _read(path: str, base):
+    """Read a file for a tool: against a base, every module must fit it (check_fits)."""
+    from .adapter_io import check_fits, read_adapter_file
+
+    af = read_adapter_file(path, base)
+    tell(path, af)
+    if base is not None:
+        check_fits(af, base, path)
+    elif af.extra_metadata.get("unknown_keys"):  # a tool must not drop keys silently from what it writes
+        bad = af.extra_metadata["unknown_keys"]
+        raise SdloraError(f"{path}: {len(bad)} key(s) are no adapter keys sdlora knows (e.g. {bad[0]!r})",
+                          "remove them from the file, or pass --base to check it against the model it is for")
+    return af
+
+
 def _weighted(spec: str, base):
     """Read FILE[:W[:TE_W]] with every module's scale times its role's weight."""
-    from .adapter_io import read_adapter_file
+    from .mixing import check_weight
 
     path, unet_w, te_w = parse_adapter_spec(spec)
     te_w = unet_w if te_w is None else te_w
-    af = read_adapter_file(path, base)
-    tell(path, af)
+    unet_w, te_w = check_weight(unet_w, f"the UNet weight of {path}"), check_weight(te_w, f"the text-encoder weight of {path}")
+    af = _read(path, base)
     for key, m in af.modules.items():
         m.scale *= unet_w if key.startswith("unet/") else te_w
     return af
@@ -89,24 +126,29 @@ def _write_tool_output(af, args, base, report) -> int:
     return 0
 
 
+def _out_format(args, paths: list[str]) -> str:
+    """--format, or by default the inputs' layout when they share one (else sdlora)."""
+    if args.format is None:
+        layouts = {_layout(p) for p in paths}
+        args.format = layouts.pop() if len(layouts) == 1 else "sdlora"
+    return args.format
+
+
 def cmd_merge(args) -> int:
-    from .pipelines import load_base
     from .tools.merge import merge
 
-    base = load_base(args.base, device="cpu", config=args.base_config)
+    paths = [parse_adapter_spec(spec)[0] for spec in args.adapters]
+    base = _file_tool_base(args, paths, _out_format(args, paths))
     merged, report = merge([(_weighted(spec, base), 1.0) for spec in args.adapters], args.rank, args.energy,
-                           family=base.family)
+                           family=base.family if base else None)
     return _write_tool_output(merged, args, base, report)
 
 
 def cmd_resize(args) -> int:
-    from .adapter_io import read_adapter_file
-    from .pipelines import load_base
     from .tools.merge import resize
 
-    base = load_base(args.base, device="cpu", config=args.base_config)
-    af = read_adapter_file(args.adapter, base)
-    tell(args.adapter, af)
+    base = _file_tool_base(args, [args.adapter], _out_format(args, [args.adapter]))
+    af = _read(args.adapter, base)
     resized, report = resize(af, args.rank, args.energy)
     return _write_tool_output(resized, args, base, report)
 
@@ -135,13 +177,13 @@ def cmd_bake(args) -> int:
     return 0
 
 
-def _add_rank_flags(p: argparse.ArgumentParser, required: bool) -> None:
+def _add_rank_flags(p: argparse.ArgumentParser, required: bool, format_default: str | None = None) -> None:
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--rank", type=int, help="keep this rank per module (truncated SVD)")
     g.add_argument("--energy", type=float, help="keep the fewest singular values holding this share of the energy, "
                                                 "e.g. 0.95")
-    p.add_argument("--format", default="sdlora", choices=FILE_FORMATS,
-                   help="layout of the written file (default sdlora)")
+    p.add_argument("--format", default=format_default, choices=FILE_FORMATS,
+                   help=f"layout of the written file (default {format_default or 'the layout of the input files'})")
 
 
 def cmd_inspect(args) -> int:
@@ -154,7 +196,7 @@ def cmd_inspect(args) -> int:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
     per_module = info.pop("per_module")
-    for key in ("file", "format", "method", "base_family", "modules", "modules_by_role", "ranks", "alphas",
+    for key in ("file", "format", "method", "base_family", "base_size", "modules", "modules_by_role", "ranks", "alphas",
                 "parameters", "size_bytes", "trigger_words"):
         print(f"{key:>16}: {info[key]}")
     for key, value in sorted(info["metadata"].items()):
@@ -164,16 +206,16 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .adapter_io import read_adapter_file, write_adapter_file
-    from .pipelines import load_base
+    from .adapter_io import write_adapter_file
 
     if not args.out.endswith(".safetensors"):
         raise SdloraError(f"--out {args.out} must end in .safetensors", "pass e.g. --out style.safetensors")
-    base = load_base(args.base, device="cpu", config=args.base_config)
-    af = read_adapter_file(args.adapter, base)
-    tell(args.adapter, af)
-    if af.base_family and af.base_family != base.family:
+    if args.comfyui_dora and args.format != "kohya":
+        raise SdloraError(f"--comfyui-dora writes the kohya layout, not {args.format}", "pass --format kohya")
+    base = _file_tool_base(args, [args.adapter], args.format, force=args.comfyui_dora)
+    af = _read(args.adapter, base)
+    if base is not None and af.base_family and af.base_family != base.family:
         raise SdloraError(f"{args.adapter} is for {af.base_family}, but --base is {base.family}",
                           f"pass --base with an {af.base_family} model")
-    print(write_adapter_file(af, args.out, args.format, base))
+    print(write_adapter_file(af, args.out, args.format, base, comfyui_dora=args.comfyui_dora))
     return 0

@@ -15,7 +15,7 @@ import json
 import torch
 
 from ..errors import SdloraError
-from .adapter import AdapterFile, ModuleWeights
+from .adapter import AdapterFile, ModuleWeights, scalar
 from .ldm_checkpoint import unet_to_ldm
 
 _TE_NAMES = {"sd1": {"text_encoder": "lora_te"}, "sd2": {"text_encoder": "lora_te"},
@@ -78,7 +78,7 @@ def inverse_table(table: dict[str, str], family: str) -> dict[str, str]:
     return inverse
 
 
-def to_state_dict(af: AdapterFile, table: dict[str, str], family: str, title: str = "") -> tuple[dict, dict]:
+def to_state_dict(af: AdapterFile, table: dict[str, str], family: str | None, title: str = "") -> tuple[dict, dict]:
     refuse_unportable(af, "kohya")
     tensors: dict[str, torch.Tensor] = {}
     for key, m in af.modules.items():
@@ -97,14 +97,14 @@ def to_state_dict(af: AdapterFile, table: dict[str, str], family: str, title: st
         "ss_network_dim": str(first.rank),
         "ss_network_alpha": f"{first.alpha:g}",
         "ss_network_args": json.dumps({"algo": "lora", "dora_wd": True} if dora else {}),
-        "ss_base_model_version": BASE_VERSION[family],
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURE[family],
         "modelspec.implementation": "sdlora",
         "modelspec.title": title,
         "modelspec.trigger_phrase": ", ".join(af.trigger_words),
     }
+    if family in BASE_VERSION:  # a file resized without a base and with no stated family says nothing false
+        metadata["ss_base_model_version"], metadata["modelspec.architecture"] = BASE_VERSION[family], ARCHITECTURE[family]
     if af.training:
         metadata["sdlora_training"] = json.dumps(af.training, sort_keys=True)
     if af.training.get("prediction_type") == "v_prediction":  # what kohya's and the model spec's readers look for
@@ -134,6 +134,23 @@ def refuse_unportable(af: AdapterFile, layout: str) -> None:
                           "export in the sdlora format, or resize the adapter to a LoRA first")
 
 
+# The convolutions of SD1/SD2/SDXL UNets by the last part of their kohya names (diffusers and SGM forms):
+# LoHa and LoKr files fold a kernel into their factors' columns, so without a base only the name tells a
+# 3x3 convolution's (out, in*9) delta from a linear layer's. Everything else (attention, feed-forward,
+# proj_in/out, time embeddings) is kept as a matrix, which A1111 and ComfyUI reshape to the layer's weight.
+_CONV_3X3 = ("conv1", "conv2", "conv", "conv_in", "conv_out", "in_layers_2", "out_layers_3", "op",
+             "input_blocks_0_0", "out_2")
+_CONV_1X1 = ("conv_shortcut", "skip_connection")
+
+
+def conv_kernel_of(name: str) -> tuple[int, int] | None:
+    if not name.startswith("lora_unet_"):
+        return None
+    if name.endswith(tuple("_" + n for n in _CONV_1X1)):
+        return (1, 1)
+    return (3, 3) if name.endswith(tuple("_" + n for n in _CONV_3X3)) else None
+
+
 def from_state_dict(tensors: dict, metadata: dict, inverse_table: dict[str, str], path: str,
                     weight_shapes: dict[str, tuple] | None = None) -> AdapterFile:
     """inverse_table: kohya module name -> canonical "role/path" of the base it is loaded into;
@@ -158,12 +175,17 @@ def from_state_dict(tensors: dict, metadata: dict, inverse_table: dict[str, str]
             key = inverse_table[name]
             shape = (weight_shapes or {}).get(key)
             dense = flat.reshape(shape) if shape is not None and flat.numel() == torch.Size(shape).numel() else flat
+            if shape is None and flat.dim() == 2:  # read without a base: the name tells a convolution's kernel
+                kernel = conv_kernel_of(name)
+                if kernel and flat.shape[1] % (kernel[0] * kernel[1]) == 0:
+                    dense = flat.reshape(flat.shape[0], -1, *kernel)
             modules[key] = ModuleWeights("loha" if "hada" in kinds else "lokr", None, None, 1.0, dense=dense)
             continue
         if "down" not in p or "up" not in p:
             raise SdloraError(f"{path}: module '{name}' lacks lora_down or lora_up", "re-export the adapter")
         rank = p["down"].shape[0]
-        alpha = float(p["alpha"]) if "alpha" in p else float(rank)  # kohya's default: no alpha key means alpha = dim
+        # kohya's default: no alpha key means alpha = dim
+        alpha = scalar(p["alpha"], f"{path}: '{name}.alpha'") if "alpha" in p else float(rank)
         mag = p.get("dora_scale")
         if mag is not None and mag.shape[0] != p["up"].shape[0]:
             raise SdloraError(f"{path}: '{name}.dora_scale' has shape {tuple(mag.shape)}, a norm over the input axis",

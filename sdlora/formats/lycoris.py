@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SdloraError
+from .adapter import scalar
 
 
 def _pair_or_whole(parts: dict, whole: str, a: str, b: str, name: str, path: str) -> tuple[torch.Tensor, bool]:
@@ -29,14 +30,15 @@ def loha_delta(parts: dict, name: str, path: str) -> torch.Tensor:
                           "retrain or convert it without use_tucker")
     w1a, w1b, w2a, w2b = (parts[k].double() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
     rank = w1b.shape[0]
-    alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+    alpha = scalar(parts["alpha"], f"{path}: '{name}.alpha'") if "alpha" in parts else float(rank)
     d = (w1a @ w1b.reshape(rank, -1)) * (w2a @ w2b.reshape(w2b.shape[0], -1)) * (alpha / rank)
     return d.float()
 
 
 def lokr_delta(parts: dict, name: str, path: str) -> torch.Tensor:
-    """(out, in*kh*kw). A conv's kernel sits in w2, either as its last two axes or in its columns;
-    kron over (a, c) x (b, d*kh*kw) and over (a, c, 1, 1) x (b, d, kh, kw) give the same numbers."""
+    """(out, in, kh, kw) when w2 is whole and 4-D (a conv's kernel is stored), else (out, in*kh*kw). A conv's
+    kernel sits in w2, either as its last two axes or in its columns; kron over (a, c) x (b, d*kh*kw) and over
+    (a, c, 1, 1) x (b, d, kh, kw) give the same numbers."""
     if "lokr_t2" in parts:
         raise SdloraError(f"{path}: '{name}' is a Tucker-decomposed LoKr, which sdlora cannot read",
                           "retrain or convert it without use_tucker")
@@ -45,8 +47,8 @@ def lokr_delta(parts: dict, name: str, path: str) -> torch.Tensor:
     scale = 1.0
     if w2_pair:
         rank = parts["lokr_w2_b"].shape[0]
-        scale = (float(parts["alpha"]) if "alpha" in parts else float(rank)) / rank
+        scale = (scalar(parts["alpha"], f"{path}: '{name}.alpha'") if "alpha" in parts else float(rank)) / rank
     if w2.dim() == 4:
         w1 = w1.reshape(*w1.shape, 1, 1)
-    d = torch.kron(w1, w2) * scale
-    return d.reshape(d.shape[0], -1).float()
+    d = torch.kron(w1, w2) * scale  # (a*b, c*d[, kh, kw])
+    return (d if w2.dim() == 4 and not w2_pair else d.reshape(d.shape[0], -1)).float()

@@ -10,7 +10,8 @@ import torch
 
 from ..errors import SdloraError
 from ..formats.adapter import AdapterFile, ModuleWeights
-from .lowrank import dense, truncate
+from ..mixing import check_weight
+from .lowrank import dense, randomized, truncate
 
 
 @dataclass
@@ -18,9 +19,13 @@ class MergeReport:
     modules: int
     rank: int  # the largest rank kept
     relative_error: float  # ||D - D_r||_F / ||D||_F over all modules together; 0 when exact
+    randomized: int = 0  # modules cut by randomized SVD (large, low target rank); their error is measured too
 
     def __str__(self):
-        return f"{self.modules} modules, rank up to {self.rank}, relative error {self.relative_error:.3g}"
+        text = f"{self.modules} modules, rank up to {self.rank}, relative error {self.relative_error:.3g}"
+        if self.randomized:
+            text += f" ({self.randomized} large modules cut by randomized SVD; the error is measured, not estimated)"
+        return text
 
 
 def _low_rank_only(af: AdapterFile, what: str) -> None:
@@ -37,8 +42,7 @@ def merge(adapters: list[tuple[AdapterFile, float]], rank: int | None = None, en
         raise SdloraError("nothing to merge", "pass at least one adapter")
     for i, (af, w) in enumerate(adapters):
         _low_rank_only(af, f"adapter {i + 1}")
-        if not math.isfinite(w):
-            raise SdloraError(f"weight of adapter {i + 1} must be finite, got {w}", "pass e.g. file.safetensors:0.8")
+        check_weight(w, f"the weight of adapter {i + 1}")
     families = {af.base_family for af, _ in adapters if af.base_family}
     if len(families) > 1:
         raise SdloraError(f"the adapters are for different bases: {', '.join(sorted(families))}",
@@ -46,7 +50,7 @@ def merge(adapters: list[tuple[AdapterFile, float]], rank: int | None = None, en
     keys = sorted({k for af, _ in adapters for k in af.modules})
     modules: dict[str, ModuleWeights] = {}
     err_sq = norm_sq = 0.0
-    kept = 0
+    kept = fast = 0
     for key in keys:
         parts = [(af.modules[key], w) for af, w in adapters if key in af.modules]
         shapes = {tuple(p.dense.shape) if p.dense is not None else (p.up.shape[0], *p.down.shape[1:])
@@ -67,6 +71,7 @@ def merge(adapters: list[tuple[AdapterFile, float]], rank: int | None = None, en
         delta = sum(w * (p.dense.reshape(p.dense.shape[0], -1).double() if p.dense is not None
                          else dense(p.down, p.up, p.scale)) for p, w in parts)
         down, up, r, err, total = truncate(delta, kernel, rank, energy)
+        fast += randomized(delta.shape, rank)
         modules[key] = ModuleWeights("lora", down, up, 1.0)
         err_sq, norm_sq, kept = err_sq + err, norm_sq + total, max(kept, r)
     rel = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
@@ -74,7 +79,7 @@ def merge(adapters: list[tuple[AdapterFile, float]], rank: int | None = None, en
     trigger = [t for af, _ in adapters for t in af.trigger_words]
     config = {"method": "lora", "merged_from": [af.config.get("name", af.format) for af, _ in adapters]}
     return AdapterFile(modules, "lora", fam, "sdlora", config, list(dict.fromkeys(trigger))), \
-        MergeReport(len(modules), kept, rel)
+        MergeReport(len(modules), kept, rel, fast)
 
 
 def resize(af: AdapterFile, rank: int | None = None, energy: float | None = None) -> tuple[AdapterFile, MergeReport]:
