@@ -18,8 +18,8 @@ from .adapters import method_class
 from .adapters.layer import AdapterLayer, geometry_of
 from .choices import FILE_FORMATS
 from .errors import SdloraError
-from .formats import kohya, native, peft
-from .formats.adapter import AdapterFile, ModuleWeights
+from .formats import comfyui_dora as comfy, kohya, native, peft
+from .formats.adapter import AdapterFile, ModuleWeights, validate
 from .formats.io import read_safetensors, write_safetensors
 from .inject import adapter_layers, every_layer, wrap
 
@@ -66,13 +66,36 @@ def save_adapter(base, name: str, path: str | Path, format: str = "sdlora", trig
     return write_adapter_file(af, path, format, base)
 
 
-def write_adapter_file(af: AdapterFile, path: str | Path, format: str, base=None) -> Path:
+def _base_weight(base, key: str) -> torch.Tensor:
+    """W0 of module "role/path" as a float tensor (dequantized on a quantized base)."""
+    from .quant import dequantized_weight
+
+    role, _, mpath = key.partition("/")
+    module = base.models()[role].get_submodule(mpath)
+    return module.base_weight() if isinstance(module, AdapterLayer) else dequantized_weight(module)
+
+
+def write_adapter_file(af: AdapterFile, path: str | Path, format: str, base=None, comfyui_dora: bool = False) -> Path:
+    """comfyui_dora: kohya only; DoRA magnitudes pre-divided so today's ComfyUI applies the paper's W'
+    (formats/comfyui_dora.py), marked in the metadata."""
+    validate(af, str(path))  # nothing broken is written: a bad input or an overflowing merge stops here
+    if comfyui_dora:
+        if format != "kohya" or base is None:
+            raise SdloraError("--comfyui-dora writes a kohya file and needs the base", "pass --format kohya --base MODEL")
+        af = comfy.for_comfyui(af, lambda key: _base_weight(base, key))
+        tensors, metadata = kohya.to_state_dict(af, kohya_table(base), base.family, title=Path(path).stem)
+        metadata[comfy.METADATA_KEY] = comfy.METADATA_VALUE
+        return write_safetensors(path, tensors, metadata)
     if format == "sdlora":
         tensors, metadata = native.to_state_dict(af)
     elif format == "kohya":
-        if base is None:
-            raise SdloraError("kohya names depend on the base's layout", "pass the base the adapter is for")
-        tensors, metadata = kohya.to_state_dict(af, kohya_table(base), base.family, title=Path(path).stem)
+        if base is not None:
+            tensors, metadata = kohya.to_state_dict(af, kohya_table(base), base.family, title=Path(path).stem)
+        else:  # a file read without a base keeps its kohya names ("unet/lora_unet_..."): they pass through
+            named = {k: k.split("/", 1)[1] for k in af.modules if k.split("/", 1)[1].startswith("lora_")}
+            if len(named) != len(af.modules):
+                raise SdloraError("kohya names depend on the base's layout", "pass --base with the model the adapter is for")
+            tensors, metadata = kohya.to_state_dict(af, named, af.base_family, title=Path(path).stem)
     elif format == "diffusers":
         tensors, metadata = peft.to_state_dict(af)
     else:
@@ -93,9 +116,15 @@ def detect_format(tensors: dict, metadata: dict, path: str) -> str:
 
 
 def read_adapter_file(path: str | Path, base=None) -> AdapterFile:
-    """Read and parse any supported file. Kohya names are resolved against `base` (without a base,
-    modules keep their kohya names, enough to inspect a file)."""
-    path = str(path)
+    """Read and parse any supported file, every module validated (formats.adapter.validate). Kohya names are
+    resolved against `base` (without a base, modules keep their kohya names: enough to inspect, resize or merge
+    a file in its own layout)."""
+    af = _parse_adapter_file(str(path), base)
+    validate(af, str(path))
+    return af
+
+
+def _parse_adapter_file(path: str, base) -> AdapterFile:
     tensors, metadata = read_safetensors(path)
     fmt = detect_format(tensors, metadata, path)
     if fmt == "sdlora":
@@ -114,9 +143,15 @@ def read_adapter_file(path: str | Path, base=None) -> AdapterFile:
         for key in tensors:
             name = key.split(".")[0]
             role = next((r for p, r in prefixes.items() if name.startswith(p)), None)
-            if role:
+            if role and re.fullmatch(r"[A-Za-z0-9_]+", name):  # a module name, never a path ("lora_unet_../x")
                 inverse[name] = f"{role}/{name}"
-    return kohya.from_state_dict(tensors, metadata, inverse, path, shapes)
+    af = kohya.from_state_dict(tensors, metadata, inverse, path, shapes)
+    if comfy.METADATA_KEY in metadata:  # magnitudes written for ComfyUI's formula: back to the paper's
+        if base is None:
+            af.extra_metadata[comfy.METADATA_KEY] = metadata[comfy.METADATA_KEY]
+        else:
+            af = comfy.from_comfyui(af, lambda key: _base_weight(base, key))
+    return af
 
 
 def _weight_shapes(base, modules: dict[str, list[str]]) -> dict[str, tuple]:
@@ -157,13 +192,14 @@ def _check_against_base(af: AdapterFile, base, path: str) -> list[tuple[str, str
         if m.dense is not None:
             if tuple(m.dense.shape) != geom.weight_shape:
                 raise SdloraError(f"{path}: module '{key}' makes a {tuple(m.dense.shape)} delta, but the base's layer "
-                                  f"is {geom.weight_shape}", f"the adapter was made for another base than this {base.family} one")
+                                  f"is {geom.weight_shape} (the file's shapes are for: {base_size(af)})",
+                                  f"the adapter was made for another base than this {base.family} one")
             plan.append((role, mpath, m))
             continue
         want_down = (m.rank, geom.in_features, *(geom.kernel_size or ()))
         want_up = (geom.out_features, m.rank, *((1, 1) if geom.is_conv else ()))
         if tuple(m.down.shape) != want_down or tuple(m.up.shape) != want_up:
-            hint = f" (the file says it is for {af.base_family})" if af.base_family else ""
+            hint = f" (the file's shapes are for: {base_size(af)})"
             raise SdloraError(
                 f"{path}: module '{key}' has down {tuple(m.down.shape)} / up {tuple(m.up.shape)}, but the base's layer "
                 f"needs {want_down} / {want_up}{hint}",
@@ -235,6 +271,66 @@ def _build(layer, m: ModuleWeights, af: AdapterFile, shared: dict):
     return a.to(device)
 
 
+def _widths(af: AdapterFile) -> dict[str, tuple[int, int]]:
+    """role -> (narrowest, widest) output width of its adapted layers, from the file's own shapes."""
+    out: dict[str, list[int]] = {}
+    for key, m in af.modules.items():
+        width = (m.dense if m.dense is not None else m.up).shape[0]
+        out.setdefault(key.split("/", 1)[0], []).append(int(width))
+    return {role: (min(w), max(w)) for role, w in out.items()}
+
+
+# (family, widest UNet layer, narrowest text-encoder layer = its hidden width) of the bases people use.
+_KNOWN_SIZES = {("sd1", 1280, 768): "SD1.x", ("sd2", 1280, 1024): "SD2.x", ("sdxl", 1280, 768): "SDXL",
+                ("sd1", 96, 64): "the embedded base"}
+
+
+def base_size(af: AdapterFile) -> str:
+    """What base the file's shapes say it is for, e.g. "sd1, UNet layers up to 1280 wide, text encoder 768
+    wide (SD1.x's size)": a family name alone does not tell SD1.5 from the embedded base."""
+    widths = _widths(af)
+    unet, te = widths.get("unet"), widths.get("text_encoder")
+    parts = [af.base_family or "family not stated"]
+    if unet:
+        parts.append(f"UNet layers up to {unet[1]} wide")
+    if te:
+        parts.append(f"text encoder {te[0]} wide")
+    if "text_encoder_2" in widths:
+        parts.append(f"second text encoder {widths['text_encoder_2'][0]} wide")
+    known = _KNOWN_SIZES.get((af.base_family, unet and unet[1], te and te[0]))
+    if known is None and unet:  # a UNet-only file still tells its size
+        known = next((v for (f, u, _), v in _KNOWN_SIZES.items() if f == af.base_family and u == unet[1] and not te), None)
+    return ", ".join(parts) + (f" ({known}'s size)" if known else "")
+
+
+def check_fits(af: AdapterFile, base, path: str) -> None:
+    """For the file tools: every module of the file names a layer of `base` with its shapes, or one error that
+    counts what does not fit and says what base the file is for. (Generation ignores unknown names, as A1111
+    does; a tool that writes a file must not silently drop or misname them.)"""
+    models = base.models()
+    missing = sorted({k.split(".")[0] for k in af.extra_metadata.get("unknown_keys", [])})
+    misfit = []
+    for key, m in af.modules.items():
+        role, _, mpath = key.partition("/")
+        try:
+            module = models[role].get_submodule(mpath)
+            geom = module.geometry if isinstance(module, AdapterLayer) else geometry_of(module)
+        except (KeyError, AttributeError, SdloraError):
+            missing.append(key)
+            continue
+        have = tuple(m.dense.shape) if m.dense is not None else (m.up.shape[0], *m.down.shape[1:])
+        if torch.Size(have).numel() != torch.Size(geom.weight_shape).numel() or have[0] != geom.weight_shape[0]:
+            misfit.append(key)
+    if missing or misfit:
+        total = len(af.modules) + len(set(missing) - set(af.modules))
+        sample = ", ".join((misfit + missing)[:2])
+        raise SdloraError(f"{path}: {len(missing) + len(misfit)} of {total} modules do not fit this {base.family} base "
+                          f"({len(missing)} name no layer of it, {len(misfit)} have other shapes; e.g. {sample}); "
+                          f"the file is for: {base_size(af)}",
+                          "pass --base with the model the file was made for, or leave --base out "
+                          "(resize, merge and inspect keep a file's own layout without one)")
+
+
 def describe(af: AdapterFile, path: str) -> dict:
     """What `sdlora inspect` shows: format, method, ranks and alphas, targets, family, metadata, size."""
     by_role: dict[str, int] = {}
@@ -252,5 +348,6 @@ def describe(af: AdapterFile, path: str) -> dict:
         "parameters": params, "size_bytes": Path(path).stat().st_size, "trigger_words": af.trigger_words,
         "config": af.config, "training": af.training,
         "metadata": {k: v for k, v in af.extra_metadata.items() if k != "unknown_keys"},
+        "base_size": base_size(af),
         "per_module": {k: {"method": m.method, "rank": m.rank, "alpha": round(m.alpha, 6)} for k, m in af.modules.items()},
     }

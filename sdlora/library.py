@@ -73,9 +73,12 @@ class AdapterLibrary:
     def _entry(name: str, path: Path) -> LibraryEntry:
         try:
             af = read_adapter_file(path)
-        except SdloraError:
-            return LibraryEntry(name, "unreadable", "", "", "", "", round(path.stat().st_size / 1024, 1))
-        info = describe(af, str(path))
+            info = describe(af, str(path))
+        except Exception as err:  # noqa: BLE001  one bad file costs its own row only, never the listing
+            reason = str(err).split("; ")[0].replace(str(path), path.name) if isinstance(err, SdloraError) else \
+                f"{type(err).__name__}: {err}"
+            size = round(path.stat().st_size / 1024, 1) if path.exists() else 0.0
+            return LibraryEntry(name, "unreadable", reason[:200], "", "", "", size)
         return LibraryEntry(name, info["format"], info["method"], ",".join(map(str, info["ranks"])),
                             info["base_family"] or "?", ", ".join(info["trigger_words"]),
                             round(info["size_bytes"] / 1024, 1))

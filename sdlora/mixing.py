@@ -35,14 +35,23 @@ MODES = ("auto", "fused", "unfused", "per_sample")
 BLOCKS = ("down", "mid", "up")
 
 
-def _check_weight(value, what: str) -> float:
+# The largest |weight| of an adapter in a mix or a merge: ComfyUI's LoraLoader bounds its strengths to the same
+# +-100. Beyond it a weight is a typo (1e308 overflows to inf and draws black), not a setting.
+WEIGHT_LIMIT = 100.0
+
+
+def check_weight(value, what: str) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
         raise SdloraError(f"{what} must be a number, got {value!r}", "pass a finite number such as 0.8") from None
-    if not math.isfinite(value):
-        raise SdloraError(f"{what} must be finite, got {value}", "pass a finite number such as 0.8")
+    if not math.isfinite(value) or abs(value) > WEIGHT_LIMIT:
+        raise SdloraError(f"{what} must be a number from -{WEIGHT_LIMIT:g} to {WEIGHT_LIMIT:g}, got {value}",
+                          "pass a number such as 0.8")
     return value
+
+
+_check_weight = check_weight
 
 
 @dataclass(frozen=True)

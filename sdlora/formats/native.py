@@ -10,7 +10,7 @@ import torch
 
 from ..adapters.registry import method_class
 from ..errors import SdloraError
-from .adapter import AdapterFile, ModuleWeights
+from .adapter import AdapterFile, ModuleWeights, scalar
 
 FORMAT_VERSION = "1"
 
@@ -58,6 +58,6 @@ def from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict, path: str)
     for key, p in parts.items():
         if "scale" not in p:
             raise SdloraError(f"{path}: module '{key}' lacks its scale", "re-export the adapter")
-        scale = float(p.pop("scale"))
+        scale = scalar(p.pop("scale"), f"{path}: '{key}/scale'")
         modules[key] = cls.from_file_parts(p, scale, config, f"{path}: module '{key}'")
     return AdapterFile(modules, method, metadata.get("base_family") or None, "sdlora", config, trigger_words, training)

@@ -9,7 +9,7 @@ import json
 import torch
 
 from ..errors import SdloraError
-from .adapter import ROLES, AdapterFile, ModuleWeights
+from .adapter import ROLES, AdapterFile, ModuleWeights, scalar
 
 METADATA_KEY = "lora_adapter_metadata"
 # Real files name CLIP modules from "text_model.", whatever the installed transformers calls them.
@@ -72,8 +72,12 @@ def from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict, path: str)
         rank = p["down"].shape[0]
         alpha = meta.get(f"{role}.alpha_pattern", {}).get(mpath, meta.get(f"{role}.lora_alpha"))
         if "alpha" in p:  # older diffusers files carry kohya-style alphas
-            alpha = float(p["alpha"])
-        scale = (float(alpha) if alpha is not None else rank) / rank
+            alpha = scalar(p["alpha"], f"{path}: '{key}' alpha")
+        try:
+            scale = (float(alpha) if alpha is not None else rank) / rank
+        except (TypeError, ValueError):
+            raise SdloraError(f"{path}: the lora_alpha of '{key}' in its metadata is {alpha!r}, not a number",
+                              "re-export the adapter") from None
         mag = p.get("mag")
         modules[key] = ModuleWeights("dora" if mag is not None else "lora", p["down"], p["up"], scale,
                                      {} if mag is None else {"magnitude": mag.reshape(-1)})

@@ -1,0 +1,90 @@
+"""Files crafted to be wrong (issue 16): every command that reads them refuses in one line naming the file and
+the key, exits 2 and writes nothing; a merge that would overflow writes nothing; one bad file in the library
+costs only its own row."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdlora.cli import main
+from sdlora.library import AdapterLibrary
+
+LIN = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # (96, 96) in the embedded base
+
+
+def _kohya(path, **override):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"{LIN}.lora_down.weight": torch.randn(4, 96, generator=g) * 0.1,
+               f"{LIN}.lora_up.weight": torch.randn(96, 4, generator=g) * 0.1, f"{LIN}.alpha": torch.tensor(4.0)}
+    tensors.update({f"{LIN}.{k.replace('__', '.')}": v for k, v in override.items()})
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "sd_v1"})
+    return path
+
+
+BROKEN = {
+    "rank-mismatched": ({"lora_up__weight": torch.randn(96, 3)}, "do not pair"),
+    "transposed-down": ({"lora_down__weight": torch.randn(96, 4) * 0.1}, "do not pair"),
+    "int64": ({"lora_down__weight": torch.ones(4, 96, dtype=torch.int64)}, "is int64, not floating point"),
+    "alpha-of-three": ({"alpha": torch.tensor([1.0, 2.0, 3.0])}, "has shape [3], but it must hold one number"),
+}
+
+
+def run(capsys, *args):
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_broken_modules_are_refused_by_every_command(tmp_path, capsys, kind):
+    override, message = BROKEN[kind]
+    bad = _kohya(tmp_path / f"{kind}.safetensors", **override)
+    out = tmp_path / "out.safetensors"
+    for args in (["inspect", bad], ["export", bad, "--format", "sdlora", "--out", out],
+                 ["export", bad, "--format", "kohya", "--out", out], ["merge", f"{bad}:0.5", "--out", out],
+                 ["resize", bad, "--rank", "2", "--out", out],
+                 ["generate", "a red circle", "--adapter", bad, "--steps", "2", "--out", tmp_path / "p.png"]):
+        code, err = run(capsys, *args)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and message in lines[0] and bad.name in lines[0], (args, err)
+        assert not out.exists() and not (tmp_path / "p.png").exists()
+
+
+def test_path_like_kohya_names_and_foreign_keys_are_refused_not_dropped(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    name = "lora_unet_../../etc"
+    bad = tmp_path / "dots.safetensors"
+    save_file({f"{name}.lora_down.weight": torch.randn(4, 96, generator=g),
+               f"{name}.lora_up.weight": torch.randn(96, 4, generator=g)}, str(bad))
+    for fmt in ("kohya", "sdlora"):
+        out = tmp_path / f"out-{fmt}.safetensors"
+        code, err = run(capsys, "export", bad, "--format", fmt, "--out", out)
+        assert code == 2 and "dots.safetensors" in err and not out.exists(), err
+    mixed = _kohya(tmp_path / "mixed.safetensors", **{"extra__weight": torch.ones(2)})  # a key no format knows
+    code, err = run(capsys, "resize", mixed, "--rank", "2", "--out", tmp_path / "r.safetensors")
+    assert code == 2 and "no adapter keys sdlora knows" in err and not (tmp_path / "r.safetensors").exists(), err
+
+
+def test_huge_weights_are_refused_and_an_overflowing_merge_writes_nothing(tmp_path, capsys):
+    good = _kohya(tmp_path / "good.safetensors")
+    out = tmp_path / "m.safetensors"
+    for spec in (f"{good}:1e308", f"{good}:1:-1e308", f"{good}:101"):
+        code, err = run(capsys, "merge", spec, "--out", out)
+        assert code == 2 and "from -100 to 100" in err and not out.exists(), err
+    code, err = run(capsys, "generate", "a red circle", "--adapter", f"{good}:1e308", "--out", tmp_path / "p.png")
+    assert code == 2 and "from -100 to 100" in err and not (tmp_path / "p.png").exists(), err
+    # Weights in bounds whose product overflows float32: the check of what is about to be written stops it.
+    big = _kohya(tmp_path / "big.safetensors", lora_up__weight=torch.full((96, 4), 3e37))
+    out.write_bytes(b"keep me")
+    code, err = run(capsys, "merge", f"{big}:100", "--out", out)
+    assert code == 2 and "NaN or infinite" in err and out.read_bytes() == b"keep me", err
+    code, err = run(capsys, "merge", f"{good}:abc", "--out", out)
+    assert code == 2 and "weight 'abc' of" in err and "no such adapter file" not in err, err
+
+
+def test_one_bad_file_in_the_library_costs_only_its_row(tmp_path):
+    _kohya(tmp_path / "fine.safetensors")
+    _kohya(tmp_path / "three.safetensors", alpha=torch.tensor([1.0, 2.0, 3.0]))
+    rows = {e.name: e for e in AdapterLibrary(tmp_path).entries()}
+    assert rows["fine"].format == "kohya" and rows["fine"].ranks == "4"
+    assert rows["three"].format == "unreadable" and "shape [3]" in rows["three"].method
