@@ -88,3 +88,16 @@ def test_one_bad_file_in_the_library_costs_only_its_row(tmp_path):
     rows = {e.name: e for e in AdapterLibrary(tmp_path).entries()}
     assert rows["fine"].format == "kohya" and rows["fine"].ranks == "4"
     assert rows["three"].format == "unreadable" and "shape [3]" in rows["three"].method
+
+
+@pytest.mark.parametrize("line, message", [
+    ('lr = "1e-4"', "lr = '1e-4' must be a number"), ("steps = 1.5", "steps = 1.5 must be a whole number"),
+    ("steps = true", "steps = True must be a whole number"),
+    ('validation_prompts = "a red circle"', "validation_prompts = 'a red circle' must be a list of strings"),
+])
+def test_toml_values_are_type_checked(tmp_path, capsys, line, message):
+    config = tmp_path / "run.toml"
+    config.write_text(f'data_dir = "samples/styles/neon"\nout_dir = "{tmp_path / "out"}"\n{line}\n')
+    code, err = run(capsys, "train", "--config", config)
+    assert code == 2 and message in err and "run.toml" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

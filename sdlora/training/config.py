@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +150,40 @@ class TrainConfig:
         if unknown:
             raise SdloraError(f"unknown training setting(s): {', '.join(unknown)}",
                               f"known: {', '.join(sorted(known))}")
+        hints = typing.get_type_hints(cls)
+        for key in set(values) - {k for k, v in overrides.items() if v is not None}:  # flags are typed by argparse
+            values[key] = _typed(key, values[key], hints[key], toml_path)
         missing = [k for k in ("data_dir", "out_dir") if k not in values]
         if missing:
             raise SdloraError(f"missing training setting(s): {', '.join(missing)}", "give the data folder and --out")
         return cls(**values)
+
+
+def _typed(key: str, value, hint, source) -> object:
+    """A TOML value checked against its field's type (str, int, float, bool, tuple of str; "| None" adds
+    nothing, as TOML has no null): 'lr = "1e-4"' or 'steps = 1.5' or 'steps = true' is one clear error, and a
+    string is never taken for a list of one-character prompts."""
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    kind = kinds[0]
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        want = "a list of strings, e.g. [\"a red circle\"]"
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        want = "true or false"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        want = "a whole number"
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        want = "a number (unquoted, e.g. 1e-4)"
+    else:
+        if isinstance(value, str):
+            return value
+        want = "a string"
+    raise SdloraError(f"{source}: training setting {key} = {value!r} must be {want}",
+                      f"fix {key} in {source}")
