@@ -314,7 +314,7 @@ def test_refused_requests(site):
         client.predict(*settings(), *slots(("../secret", 1.0, 1.0)), api_name="/generate")
     with pytest.raises(Exception, match="no adapter named"):
         client.predict("../../library/style-a", api_name="/inspect")
-    with pytest.raises(Exception, match="must be finite"):
+    with pytest.raises(Exception, match="must be a number from -100 to 100"):
         client.predict(*settings("a red circle <lora:style-a:nan>"), *slots(), api_name="/generate")
     with pytest.raises(Exception, match="outside"):
         client.predict(*settings("a red circle <lora:style-a:100>"), *slots(), api_name="/generate")
@@ -334,6 +334,13 @@ def test_refused_requests(site):
         r = httpx.post(f"{url}/gradio_api/queue/join", headers={"Origin": origin}, json=join)
         assert r.status_code == 403 and "refused" in r.text, (origin, r.status_code)
     assert httpx.post(f"{url}/gradio_api/queue/join", headers={"Origin": url}, json=join).status_code == 200
+    # DNS rebinding: a page whose own name resolves to 127.0.0.1 sends Host and Origin both naming it
+    port = url.rsplit(":", 1)[1]
+    rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    r = httpx.post(f"{url}/gradio_api/queue/join", headers=rebound, json=join)
+    assert r.status_code == 403 and "not one this server was started for" in r.text, r.status_code
+    assert httpx.get(f"{url}/", headers={"Host": f"evil.example:{port}"}).status_code == 403
+    assert httpx.get(f"http://localhost:{port}/").status_code == 200
     assert httpx.get(f"{url}/monitoring").status_code in (403, 404)  # Gradio's monitoring page is off
     # uploads over the cap are refused before they are stored
     big = root / "big.png"
@@ -454,3 +461,30 @@ def test_library_rows_are_read_once_per_file_version(tmp_path, monkeypatch):
     assert lib.entries() == first and reads == ["x"]  # the second listing reads no file
     (lib.folder / "x.safetensors").write_bytes(b"broken")  # a new version of the file is read again
     assert lib.entries()[0].format == "unreadable" and reads == ["x", "x"]
+
+
+def test_host_allow_list_takes_the_bound_address_and_allowed_hosts():
+    """The middleware alone, on a bare ASGI app: loopback names, --host and --allowed-hosts pass, others 403."""
+    import asyncio
+
+    import httpx
+
+    from webui.app import SameOriginOnly, allowed_hosts
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = SameOriginOnly(ok, allowed_hosts("192.168.1.5", ("studio.lan",)))
+
+    async def status(host, origin=None):
+        headers = {"Host": host, **({"Origin": origin} if origin else {})}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as c:
+            return (await c.get("/", headers=headers)).status_code
+
+    for host in ("127.0.0.1:7860", "localhost:7860", "[::1]:7860", "192.168.1.5:7860", "studio.lan:7860"):
+        assert asyncio.run(status(host)) == 200, host
+    for host in ("evil.example:7860", "studio.lan.evil.example"):
+        assert asyncio.run(status(host, f"http://{host}")) == 403, host
+    assert asyncio.run(status("studio.lan:7860", "http://evil.example")) == 403  # the Origin check still holds
+    assert "0.0.0.0" not in allowed_hosts("0.0.0.0")  # a wildcard bind allows no name by itself

@@ -290,13 +290,36 @@ def build(studio: Studio) -> gr.Blocks:
     return page
 
 
-class SameOriginOnly:
-    """ASGI middleware: a request whose Origin header names another site than the one it is sent to
-    is refused with 403, so a page elsewhere cannot drive this one through a visitor's browser
-    (Gradio's own CORS check only withholds the response headers; the request still runs)."""
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
-    def __init__(self, app):
+
+def allowed_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> frozenset[str]:
+    """The host names a request may address: the loopback names, the bound address (unless it is a wildcard)
+    and the --allowed-hosts given. Jupyter and Django keep such a list against DNS rebinding."""
+    names = {*LOOPBACK_HOSTS, *(h.strip().lower().strip("[]") for h in extra if h.strip())}
+    if host not in ("0.0.0.0", "::", ""):
+        names.add(host.lower().strip("[]"))
+    return frozenset(names)
+
+
+def _hostname(netloc: str) -> str:
+    from urllib.parse import urlsplit
+
+    return (urlsplit(f"//{netloc}").hostname or "").lower()
+
+
+class SameOriginOnly:
+    """ASGI middleware against pages elsewhere driving this one through a visitor's browser:
+    - the Host header must name a host this server was started for (allowed_hosts): a DNS-rebinding page
+      (its own name pointed at 127.0.0.1) sends Host and Origin both `evil.example:PORT`, which pass the
+      second check alone;
+    - an Origin header must name the same site as the Host (Gradio's own CORS check only withholds the
+      response headers; the request still runs).
+    Either failure is a 403 (websockets: closed with 1008) before the app sees the request."""
+
+    def __init__(self, app, hosts: frozenset[str] = frozenset(LOOPBACK_HOSTS)):
         self.app = app
+        self.hosts = hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in ("http", "websocket"):
@@ -305,13 +328,18 @@ class SameOriginOnly:
             headers = dict(scope["headers"])
             origin = headers.get(b"origin", b"").decode("latin-1")
             host = headers.get(b"host", b"").decode("latin-1")
-            if origin and urlsplit(origin).netloc != host:
+            reason = None
+            if _hostname(host) not in self.hosts:
+                reason = f"host {host!r} is not one this server was started for (see --allowed-hosts)"
+            elif origin and urlsplit(origin).netloc != host:
+                reason = f"cross-origin request from {origin} refused"
+            if reason:
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                     return
                 from starlette.responses import PlainTextResponse
 
-                await PlainTextResponse(f"cross-origin request from {origin} refused", 403)(scope, receive, send)
+                await PlainTextResponse(f"{reason}: refused", 403)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -324,7 +352,7 @@ def parse_auth(auth: str) -> tuple[str, str]:
 
 
 def launch_options(studio: Studio, host: str = "127.0.0.1", port: int | None = None, auth: str | None = None,
-                   share: bool = False) -> dict:
+                   share: bool = False, extra_hosts: tuple[str, ...] = ()) -> dict:
     """Blocks.launch arguments: local by default, only the library and output folders served, uploads
     capped, no monitoring page, no share link unless asked."""
     from starlette.middleware import Middleware
@@ -332,7 +360,7 @@ def launch_options(studio: Studio, host: str = "127.0.0.1", port: int | None = N
     options = dict(server_name=host, server_port=port, share=share, enable_monitoring=False, strict_cors=True,
                    allowed_paths=[str(studio.outputs), str(studio.library.folder)],
                    max_file_size=f"{studio.limits.max_upload_mb}mb", ssr_mode=False, show_error=True,
-                   app_kwargs={"middleware": [Middleware(SameOriginOnly)]})
+                   app_kwargs={"middleware": [Middleware(SameOriginOnly, hosts=allowed_hosts(host, extra_hosts))]})
     if auth:
         options["auth"] = parse_auth(auth)
     return options
