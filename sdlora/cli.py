@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import traceback
 from pathlib import Path
 
-from .cli_common import add_base_flags, load_mix, parse_size, pick_device
+from .cli_common import add_base_flags, check_out_folder, load_mix, parse_size, pick_device
 from .cli_tools import add_tool_parsers
 from .errors import SdloraError
 from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -28,6 +29,7 @@ def cmd_generate(args) -> int:
     )
     if Path(args.out).suffix.lower() != ".png":
         raise SdloraError(f"--out {args.out} must end in .png", "pass a file name like out/picture.png")
+    check_out_folder(args.out)
     base = load_base(args.base, device=pick_device(args.device), config=args.base_config)
     if args.quant != "none":
         for role, report in base.quantize(args.quant).items():
@@ -88,6 +90,7 @@ def cmd_xy(args) -> int:
 
     if Path(args.out).suffix.lower() != ".png":
         raise SdloraError(f"--out {args.out} must end in .png", "pass a file name like out/grid.png")
+    check_out_folder(args.out)
     (x_name, x_weights), (y_name, y_weights) = parse_axis(args.x), parse_axis(args.y)
     base = load_base(args.base, device=pick_device(args.device), config=args.base_config)
     if args.quant != "none":
@@ -284,6 +287,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdlora: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sdlora inspect --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays quiet
+        return 0
+    except OSError as err:  # a full disk, a read-only folder, an --out that is a file: one line, as promised
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename and Path(err.filename).is_file():
+            text = f"{err.filename} is a file where a folder is needed; pass another path"
+        else:
+            where = f"{err.filename}: " if err.filename else ""
+            text = f"{where}{err.strerror or err}; check the path, its permissions and free space"
+        print(f"sdlora: error: {text}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

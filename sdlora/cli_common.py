@@ -101,3 +101,18 @@ def load_mix(base, specs: list[str]):
 def tell(path: str, af) -> None:
     """Every command that reads an adapter says what it found (on stderr, so stdout stays the result)."""
     print(f"{path}: {af.format} {af.method}, {len(af.modules)} modules", file=sys.stderr)
+
+
+def check_out_folder(out: str | Path, what: str = "--out") -> None:
+    """Before any work: the folder a result goes to exists or can be made (no file stands in its way), so a
+    long generation is never lost to a bad path at the end."""
+    import os
+
+    folder = Path(out).parent
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise SdloraError(f"{what} {out}: {parent} is a file where a folder is needed", "pass another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise SdloraError(f"{what} {out}: {parent} is not writable", "pass a folder you can write to")
+            return

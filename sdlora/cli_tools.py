@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .choices import FILE_FORMATS, UNET_PRESETS
-from .cli_common import add_base_flags, load_mix, parse_adapter_spec, pick_device, tell
+from .cli_common import add_base_flags, check_out_folder, load_mix, parse_adapter_spec, pick_device, tell
 from .errors import SdloraError
 
 
@@ -121,6 +121,7 @@ def _write_tool_output(af, args, base, report) -> int:
 
     if not args.out.endswith(".safetensors"):
         raise SdloraError(f"--out {args.out} must end in .safetensors", "pass e.g. --out merged.safetensors")
+    check_out_folder(args.out)
     print(write_adapter_file(af, args.out, args.format, base))
     print(report, file=sys.stderr)
     return 0
@@ -210,6 +211,7 @@ def cmd_export(args) -> int:
 
     if not args.out.endswith(".safetensors"):
         raise SdloraError(f"--out {args.out} must end in .safetensors", "pass e.g. --out style.safetensors")
+    check_out_folder(args.out)
     if args.comfyui_dora and args.format != "kohya":
         raise SdloraError(f"--comfyui-dora writes the kohya layout, not {args.format}", "pass --format kohya")
     base = _file_tool_base(args, [args.adapter], args.format, force=args.comfyui_dora)

@@ -101,3 +101,37 @@ def test_toml_values_are_type_checked(tmp_path, capsys, line, message):
     code, err = run(capsys, "train", "--config", config)
     assert code == 2 and message in err and "run.toml" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_paths_that_cannot_be_written_are_one_line_and_results_are_world_readable(tmp_path, capsys):
+    good = _kohya(tmp_path / "good.safetensors")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for args in (["export", good, "--format", "kohya", "--out", blocker / "x.safetensors"],
+                 ["generate", "a red circle", "--steps", "2", "--out", blocker / "p.png"],
+                 ["train", "samples/styles/neon", "--out", blocker, "--steps", "1"]):
+        code, err = run(capsys, *args)
+        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.endswith(" modules")]  # less tell()'s line
+        assert code == 2 and len(lines) == 1 and "a-file" in lines[0], (args, err)
+    assert blocker.read_text() == "x"
+    out = tmp_path / "copy.safetensors"
+    assert run(capsys, "export", good, "--format", "kohya", "--out", out)[0] == 0
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # as a picture gets, not safetensors' 0600
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_a_closed_pipe_is_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    good = _kohya(tmp_path / "good.safetensors")
+    proc = subprocess.run(f"{sys.executable} -m sdlora inspect --json {good} | head -c 10", shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr and proc.stdout.startswith("{"), proc.stderr
