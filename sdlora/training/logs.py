@@ -10,7 +10,9 @@ from pathlib import Path
 
 
 class TrainLog:
-    def __init__(self, log_dir: Path, losses: list[float], val_losses: list[tuple[int, float]], enabled: bool = True):
+    def __init__(self, log_dir: Path, loss_rows: list[list], val_losses: list[tuple[int, float]], enabled: bool = True):
+        """loss_rows: [step, epoch, loss, lr] of the steps so far (epoch and lr "" where a checkpoint
+        from before sdlora kept them did not know them)."""
         self.enabled = enabled
         if not enabled:
             return
@@ -20,7 +22,7 @@ class TrainLog:
         self._loss_file = open(log_dir / "loss.csv", "w", newline="")
         self._loss = csv.writer(self._loss_file)
         self._loss.writerow(["step", "epoch", "loss", "lr"])
-        self._loss.writerows([[i + 1, "", f"{v:.6f}", ""] for i, v in enumerate(losses)])
+        self._loss.writerows([[s, e, f"{v:.6f}", f"{lr:.3e}" if lr != "" else ""] for s, e, v, lr in loss_rows])
         self._val_file = open(log_dir / "val_loss.csv", "w", newline="")
         self._val = csv.writer(self._val_file)
         self._val.writerow(["step", "val_loss"])

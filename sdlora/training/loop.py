@@ -25,7 +25,8 @@ from ..mixing import Mix
 from ..pipelines import load_base, training_scheduler
 from .quant_auto import training_quant
 from .optimizers import make_optimizer
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, restore_rngs, save_checkpoint
+from .checkpoint import latest_checkpoint, restore_optimizer, restore_rngs, save_checkpoint
+from .resume import check_resumable, clear_temporaries, history, usable_checkpoint
 from .config import TrainConfig
 from .data import BucketSampler, nearest_bucket, preflight, process_caption, sdxl_time_ids
 from .distributed import local_rows, sum_gradients, sum_over_processes
@@ -56,6 +57,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def _check_out_dir(cfg: TrainConfig, out_dir: Path, ckpt_dir: Path) -> None:
     """Before any work: a resume needs a checkpoint; a new run must not mix with an earlier one's
     checkpoints (pruning would keep those, and --resume would pick them) nor overwrite its adapter."""
+    clear_temporaries(ckpt_dir)  # what killed checkpoint writes left behind
     if cfg.resume:
         if latest_checkpoint(ckpt_dir) is None:
             raise SdloraError(f"--resume: no complete checkpoint in {ckpt_dir}", "train without --resume")
@@ -116,6 +118,8 @@ class _Run:
     batch_index: int = 0
     time_ids: list | None = None  # SDXL: per picture (6,), from its size and bucket; None for SD1/SD2
     held_out_cond: object = None  # the held-out captions' (hidden, pooled)
+    loss_rows: list = field(default_factory=list)  # [step, epoch, loss, lr] per step, as loss.csv shows them
+    resume_from: tuple | None = None  # (path, tensors, state) of the checkpoint --resume continues
     log: object = None
 
     @property
@@ -151,6 +155,9 @@ def _setup(cfg: TrainConfig) -> _Run:
     held_out = holdout_indices(len(items), cfg.validation_split, cfg.seed)
     base = load_base(cfg.base, device=accelerator.device)
     cfg = replace(cfg, quant=training_quant(cfg.quant, base.pipe.unet))  # "auto" -> what ran, for the summary
+    resume_from = usable_checkpoint(ckpt_dir) if cfg.resume else None
+    if resume_from:  # before the long part: refuse a resume that cannot continue this run
+        check_resumable(cfg, resume_from[2], items, resume_from[0])
     if cfg.quant != "none":
         base.quantize(cfg.quant)
     adapter_cfg = AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
@@ -187,7 +194,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     return _Run(cfg, out_dir, ckpt_dir, accelerator, precision, base, items, held_out, train_items, latents_cache,
                 sampler, texts, optimizer, schedule, noise_scheduler, float(pipe.vae.config.scaling_factor),
                 torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed), Mix({cfg.name: 1.0}), trained, ema,
-                time_ids=time_ids)
+                time_ids=time_ids, resume_from=resume_from)
 
 
 def _encoder_lrs(cfg: TrainConfig, base) -> dict[str, float]:
@@ -205,7 +212,7 @@ def _encoder_lrs(cfg: TrainConfig, base) -> dict[str, float]:
 
 def _resume(run: _Run) -> None:
     """Adapter, EMA, optimizer moments, schedule, RNG states and data position from the newest checkpoint."""
-    tensors, state = load_checkpoint(latest_checkpoint(run.ckpt_dir))
+    _, tensors, state = run.resume_from
     with torch.no_grad():
         for key, p in run.trained.items():
             p.copy_(tensors[f"adapter/{key}"])
@@ -216,6 +223,8 @@ def _resume(run: _Run) -> None:
     restore_rngs(tensors, state, run.gen, run.rng)
     run.step, run.losses = state["step"], list(state["losses"])
     run.val_losses = [tuple(v) for v in state.get("val_losses", [])]
+    # checkpoints from before loss_rows: the losses alone (epoch and lr unknown)
+    run.loss_rows = state.get("loss_rows") or [[i + 1, "", v, ""] for i, v in enumerate(run.losses)]
     run.epoch, run.batch_index = state["position"]["epoch"], state["position"]["batch"]
 
 
@@ -300,7 +309,8 @@ def _checkpoint(run: _Run) -> None:
         run.log.flush()
         save_checkpoint(run.ckpt_dir, run.step, {**run.trained, **{f"ema.{k}": e for k, e in run.ema.items()}},
                         run.optimizer, run.schedule, run.gen, run.rng, {"epoch": run.epoch, "batch": run.batch_index},
-                        {"losses": run.losses, "val_losses": run.val_losses}, run.cfg.keep_checkpoints)
+                        history(run.cfg, run.items, run.losses, run.val_losses, run.loss_rows),
+                        run.cfg.keep_checkpoints)
     run.accelerator.wait_for_everyone()
 
 
@@ -344,12 +354,14 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
     pipe = run.base.pipe
     pipe.unet.train()
     pipe.text_encoder.train(cfg.text_encoder)
-    run.log = TrainLog(run.out_dir / "logs", run.losses, run.val_losses, enabled=run.main)
+    run.log = TrainLog(run.out_dir / "logs", run.loss_rows, run.val_losses, enabled=run.main)
     bar = tqdm(total=cfg.steps, initial=run.step, desc="training", unit="step", disable=not (progress and run.main))
     batches = run.sampler.batches(run.epoch)
     while run.step < cfg.steps:
         step_loss, batches = _optimizer_step(run, batches)
-        run.log.step(run.step, run.epoch, step_loss, run.schedule.get_last_lr()[0])
+        lr = run.schedule.get_last_lr()[0]
+        run.loss_rows.append([run.step, run.epoch, step_loss, lr])
+        run.log.step(run.step, run.epoch, step_loss, lr)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         if on_step:
