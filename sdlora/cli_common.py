@@ -9,7 +9,8 @@ from pathlib import Path
 from .choices import BASE_QUANT
 from .errors import SdloraError
 
-BASE_HELP = "'embedded' (default), a diffusers folder, a .safetensors checkpoint, or a hub id (online only)"
+BASE_HELP = ("'embedded' (default), 'embedded-sdxl', a diffusers folder, a .safetensors checkpoint, or a hub id "
+             "(online only)")
 
 
 def parse_size(text: str) -> tuple[int, int]:

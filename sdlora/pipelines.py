@@ -2,6 +2,7 @@
 
 A base is named by one string, as on the command line:
     "embedded"              the tiny model shipped in samples/embedded (the default)
+    "embedded-sdxl"         its SDXL-family sibling in samples/embedded-sdxl (two text encoders, added conditioning)
     a folder                a diffusers pipeline folder (model_index.json inside)
     a .safetensors file     a single-file checkpoint in the original (LDM) layout
     owner/name              a hub id, when the machine is online or the hub cache holds it
@@ -22,6 +23,7 @@ import torch
 from .errors import SdloraError
 
 EMBEDDED = "embedded"
+EMBEDDED_SDXL = "embedded-sdxl"
 FAMILIES = ("sd1", "sd2", "sdxl")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -127,15 +129,17 @@ class Base:
         return count
 
 
-def embedded_path() -> Path:
-    """The embedded base's folder: $SDLORA_EMBEDDED, else samples/embedded beside the package."""
-    env = os.environ.get("SDLORA_EMBEDDED")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "samples" / "embedded"
+def embedded_path(name: str = EMBEDDED) -> Path:
+    """An embedded base's folder: for "embedded" $SDLORA_EMBEDDED, else samples/embedded beside the package;
+    for "embedded-sdxl" samples/embedded-sdxl."""
+    env = os.environ.get("SDLORA_EMBEDDED") if name == EMBEDDED else None
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "samples" / name
     if not (path / "model_index.json").is_file():
+        rebuild = "make embedded" if name == EMBEDDED else "make embedded-sdxl"
         raise SdloraError(
-            f"the embedded base is missing at {path}",
+            f"the {name} base is missing at {path}",
             "install sdlora from its source tree (pip install -e .), set SDLORA_EMBEDDED to the folder, "
-            "or rebuild it with: python train_scripts/build_embedded_base.py",
+            f"or rebuild it with: {rebuild}",
         )
     return path
 
@@ -252,8 +256,8 @@ def load_base(base: str = EMBEDDED, *, dtype: torch.dtype = torch.float32, devic
     `config` is a diffusers folder whose configs and tokenizer describe a single-file checkpoint's
     architecture; without it diffusers looks them up on the hub.
     """
-    if base == EMBEDDED:
-        pipe, family = _load_folder(embedded_path(), dtype)
+    if base in (EMBEDDED, EMBEDDED_SDXL):
+        pipe, family = _load_folder(embedded_path(base), dtype)
         kind = "embedded"
     else:
         path = Path(base).expanduser()

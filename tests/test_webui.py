@@ -241,6 +241,9 @@ def test_export_merge_rename_delete(site):
     assert lib.names() == ["style-a", "style-b"]
     with pytest.raises(Exception, match="already has an adapter named 'style-b'"):
         client.predict("style-a", "style-b", api_name="/rename")
+    with pytest.raises(Exception, match="merge weights must lie within"):  # as the mixer's: no inf into the library
+        client.predict(["style-a", "style-b"], "1e308, 1", "huge", api_name="/merge")
+    assert lib.names() == ["style-a", "style-b"]
 
 
 def test_upload_a_dataset_then_train_stop_and_find_it_in_the_library(site):

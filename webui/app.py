@@ -251,6 +251,10 @@ def _wire_adapters(studio: Studio, a: SimpleNamespace, listing, listing_outputs)
         weights = _weights(weights) if weights and weights.strip() else [1.0] * len(chosen_names or [])
         if len(weights) != len(chosen_names or []):
             raise SdloraError(f"{len(chosen_names or [])} adapters but {len(weights)} weights", "give one each")
+        limit = studio.limits.max_weight  # the mixer's bound, here too: a merge at 1e308 wrote inf into the library
+        if any(not abs(w) <= limit for w in weights):
+            raise SdloraError(f"merge weights must lie within +-{limit:g}, got {weights}",
+                              f"use weights between -{limit:g} and {limit:g}")
         return f"merged into {studio.library.merge(list(zip(chosen_names, weights)), new, studio.base)}"
 
     a.merge_go.click(do_merge, [a.merge_names, a.merge_weights, a.merge_name], a.message, api_name="merge")
