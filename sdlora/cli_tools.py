@@ -208,6 +208,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_export(args) -> int:
     from .adapter_io import write_adapter_file
+    from .formats.adapter import public_training
 
     if not args.out.endswith(".safetensors"):
         raise SdloraError(f"--out {args.out} must end in .safetensors", "pass e.g. --out style.safetensors")
@@ -219,5 +220,6 @@ def cmd_export(args) -> int:
     if base is not None and af.base_family and af.base_family != base.family:
         raise SdloraError(f"{args.adapter} is for {af.base_family}, but --base is {base.family}",
                           f"pass --base with an {af.base_family} model")
+    af.training = public_training(af.training)  # an export is for sharing: no private folder paths
     print(write_adapter_file(af, args.out, args.format, base, comfyui_dora=args.comfyui_dora))
     return 0

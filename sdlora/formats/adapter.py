@@ -118,3 +118,18 @@ def validate(af: AdapterFile, path: str) -> None:
         if mag is not None and mag.numel() != up.shape[0]:
             raise SdloraError(f"{where}: DoRA magnitude of {mag.numel()} values for {up.shape[0]} outputs",
                               "re-export the adapter")
+
+
+PATH_FIELDS = ("data_dir", "out_dir", "base")
+
+
+def public_training(training: dict) -> dict:
+    """The training summary as an exported file carries it: folder paths cut to their last part ("/home/me/
+    private/cats" -> "cats"), so a file shared with others does not tell where its maker keeps things."""
+    from pathlib import PurePath
+
+    out = dict(training)
+    for key in PATH_FIELDS:
+        if isinstance(out.get(key), str) and ("/" in out[key] or "\\" in out[key]):
+            out[key] = PurePath(out[key]).name
+    return out

@@ -15,7 +15,7 @@ import json
 import torch
 
 from ..errors import SdloraError
-from .adapter import AdapterFile, ModuleWeights, scalar
+from .adapter import AdapterFile, ModuleWeights, public_training, scalar
 from .ldm_checkpoint import unet_to_ldm
 
 _TE_NAMES = {"sd1": {"text_encoder": "lora_te"}, "sd2": {"text_encoder": "lora_te"},
@@ -106,7 +106,7 @@ def to_state_dict(af: AdapterFile, table: dict[str, str], family: str | None, ti
     if family in BASE_VERSION:  # a file resized without a base and with no stated family says nothing false
         metadata["ss_base_model_version"], metadata["modelspec.architecture"] = BASE_VERSION[family], ARCHITECTURE[family]
     if af.training:
-        metadata["sdlora_training"] = json.dumps(af.training, sort_keys=True)
+        metadata["sdlora_training"] = json.dumps(public_training(af.training), sort_keys=True)
     if af.training.get("prediction_type") == "v_prediction":  # what kohya's and the model spec's readers look for
         metadata["ss_v_parameterization"] = "True"
         metadata["modelspec.prediction_type"] = "v"

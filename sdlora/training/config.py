@@ -68,7 +68,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass: less memory, "
                                                "about 30% slower")
     seed: int = _opt(0, "seeds the adapter's initialisation, the data order and the noise")
-    trigger: str | None = _opt(None, "trigger word, put first in every caption")
+    trigger: str | None = _opt(None, "trigger word: captions that lack it get it as their first tag (kohya's "
+                                     "convention, which --keep-tokens keeps in place); where a caption already has it, "
+                                     "it stays where it is (the sample sets put theirs last)")
     caption_dropout: float = _opt(0.05, "share of empty captions")
     shuffle_tags: bool = _opt(False, "shuffle comma-separated tags")
     keep_tokens: int = _opt(0, "leading tags kept in place", metavar="N")

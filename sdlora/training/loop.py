@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -143,7 +144,7 @@ def _accelerator(cfg: TrainConfig):
     return accelerator, precision
 
 
-def _setup(cfg: TrainConfig) -> _Run:
+def _setup(cfg: TrainConfig, say=lambda msg: None) -> _Run:
     """Check the output folder, scan the data, load and quantize the base, add the adapter, cache the
     latents and build the optimizer: everything before the first step."""
     out_dir = Path(cfg.out_dir)
@@ -153,6 +154,8 @@ def _setup(cfg: TrainConfig) -> _Run:
     torch.manual_seed(cfg.seed)
     items = preflight(cfg.data_dir, skip_bad=cfg.skip_bad_images)
     held_out = holdout_indices(len(items), cfg.validation_split, cfg.seed)
+    say(f"{len(items)} pictures in {cfg.data_dir} (sub-folders included), {len(held_out)} held out for the "
+        f"validation loss; loading the base {cfg.base}")
     base = load_base(cfg.base, device=accelerator.device)
     cfg = replace(cfg, quant=training_quant(cfg.quant, base.pipe.unet))  # "auto" -> what ran, for the summary
     resume_from = usable_checkpoint(ckpt_dir) if cfg.resume else None
@@ -169,6 +172,7 @@ def _setup(cfg: TrainConfig) -> _Run:
 
     buckets = training_buckets(cfg, base)
     item_buckets = [nearest_bucket(item.size, buckets) for item in items]
+    say(f"encoding {len(items)} pictures into latents once ({len(set(item_buckets))} bucket sizes)")
     latents_cache = cache_latents(pipe, items, item_buckets, cfg.flip)
     train_items = sorted(set(range(len(items))) - set(held_out))
     sampler = BucketSampler([item_buckets[i] for i in train_items], cfg.batch_size, cfg.seed, cfg.repeats)
@@ -348,7 +352,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    run = _setup(cfg)
+    run = _setup(cfg, say=(lambda msg: print(f"train: {msg}", file=sys.stderr, flush=True)) if progress else
+                 (lambda msg: None))
     if cfg.resume:
         _resume(run)
     pipe = run.base.pipe
