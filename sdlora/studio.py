@@ -38,6 +38,7 @@ class Limits:
     max_steps: int = 150
     max_grid_cells: int = 64
     max_upload_mb: int = 50
+    max_data_root_mb: int = 2048  # everything under --data-root together: uploads cannot fill the disk
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,7 @@ class Studio:
     def add_dataset(self, name: str, files: list[str | Path]) -> str:
         """A new dataset folder from uploaded pictures and their same-name .txt captions."""
         from .adapter_io import check_name
+        from .training.data import check_image
         from .training.images import IMAGE_SUFFIXES as IMAGE_EXTS
 
         if not self.data_root:
@@ -244,9 +246,23 @@ class Studio:
         if total > limit:
             raise SdloraError(f"the upload is {total / 2**20:.1f} MB, more than {self.limits.max_upload_mb} MB",
                               "upload fewer or smaller pictures")
+        held = sum(p.stat().st_size for p in Path(self.data_root).rglob("*") if p.is_file())
+        if held + total > self.limits.max_data_root_mb * 2**20:
+            raise SdloraError(f"the data root holds {held / 2**20:.0f} MB; with this upload it would pass its "
+                              f"{self.limits.max_data_root_mb} MB limit", "delete datasets you no longer need")
         kept = [f for f in files if f.suffix.lower() in (*IMAGE_EXTS, ".txt")]
         if not any(f.suffix.lower() in IMAGE_EXTS for f in kept):
             raise SdloraError("the upload holds no pictures", "upload .png, .jpg or .webp files with .txt captions")
+        for f in kept:  # every picture decoded whole, every caption UTF-8 text, before anything is stored
+            if f.suffix.lower() in IMAGE_EXTS:
+                _, reason = check_image(f)
+                if reason:
+                    raise SdloraError(f"{Path(f.name).name} is not a usable picture: {reason}", "upload real pictures")
+            else:
+                try:
+                    f.read_bytes().decode("utf-8")
+                except UnicodeDecodeError:
+                    raise SdloraError(f"{Path(f.name).name} is not UTF-8 text", "captions are plain text files") from None
         with atomic_folder(self.data_root / name) as tmp:  # a failed copy leaves no half dataset
             for f in kept:
                 (tmp / Path(f.name).name).write_bytes(f.read_bytes())

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from sdlora.cli import main
 from sdlora.library import AdapterLibrary
+from tests.test_training_data import STYLES
 
 LIN = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # (96, 96) in the embedded base
 
@@ -135,3 +136,38 @@ def test_a_closed_pipe_is_no_traceback(tmp_path):
     proc = subprocess.run(f"{sys.executable} -m sdlora inspect --json {good} | head -c 10", shell=True,
                           capture_output=True, text=True, timeout=120)
     assert "Traceback" not in proc.stderr and proc.stdout.startswith("{"), proc.stderr
+
+
+def test_uploads_are_checked_as_pictures_and_the_data_root_is_bounded(tmp_path):
+    import os
+
+    from sdlora.errors import SdloraError
+    from sdlora.pipelines import load_base
+    from sdlora.studio import Limits, Studio
+
+    root = tmp_path / "data"
+    root.mkdir()
+    studio = Studio(load_base("embedded"), AdapterLibrary(tmp_path / "lib"), tmp_path / "outputs", root,
+                    limits=Limits(max_upload_mb=2, max_data_root_mb=3))
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(os.urandom(1000))
+    real = sorted((STYLES / "dots").glob("*.png"))[0]
+    with pytest.raises(SdloraError, match="fake.png is not a usable picture: unreadable"):
+        studio.add_dataset("bad", [real, fake])
+    assert studio.datasets() == []
+    (root / "old").mkdir()
+    (root / "old" / "filler.bin").write_bytes(os.urandom(int(2.5 * 2**20)))  # what earlier uploads hold
+    with pytest.raises(SdloraError, match="would pass its 3 MB limit"):
+        studio.add_dataset("more", [real, real.with_suffix(".txt"), _copy_big_png(tmp_path)])
+    assert "more" not in studio.datasets()
+    assert studio.add_dataset("fine", [real, real.with_suffix(".txt")]) == "fine"  # small enough
+
+
+def _copy_big_png(tmp_path):
+    """A real picture of about 0.6 MB (noise compresses badly)."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (450, 450, 3), dtype=np.uint8)).save(path)
+    return path

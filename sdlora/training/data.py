@@ -34,7 +34,7 @@ class Problem:
         return f"{self.path.name}: {self.reason}"
 
 
-def _check_image(path: Path, max_pixels: int, max_bytes: int) -> tuple[tuple[int, int] | None, str | None]:
+def check_image(path: Path, max_pixels: int = 40_000_000, max_bytes: int = 2**31) -> tuple[tuple[int, int] | None, str | None]:
     if path.stat().st_size > max_bytes:
         return None, f"file of {path.stat().st_size:,} bytes is over the {max_bytes:,}-byte limit"
     try:
@@ -62,7 +62,7 @@ def scan(root: str | Path, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_FI
         raise SdloraError(f"no dataset folder at {root}", "pass a folder of pictures with same-name .txt captions")
     items, problems = [], []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        size, reason = _check_image(path, max_pixels, max_bytes)
+        size, reason = check_image(path, max_pixels, max_bytes)
         if reason:
             problems.append(Problem(path, reason))
             continue
