@@ -41,12 +41,13 @@ def _rows(cfg):
     return list(csv.DictReader(open(f"{cfg.out_dir}/logs/loss.csv")))
 
 
-def test_unreadable_newest_checkpoints_are_skipped_by_name(run, capsys):
+@pytest.mark.parametrize("damaged", ["tensors.safetensors", "state.json"])
+def test_unreadable_newest_checkpoints_are_skipped_by_name(run, capsys, damaged):
     straight = load_file(f"{run.out_dir}/adapter.safetensors")
     rows = _rows(run)
     ckpts = f"{run.out_dir}/checkpoints"
-    data = open(f"{ckpts}/step-00000004/tensors.safetensors", "rb").read()
-    open(f"{ckpts}/step-00000004/tensors.safetensors", "wb").write(data[: len(data) // 2])  # truncated
+    data = open(f"{ckpts}/step-00000004/{damaged}", "rb").read()
+    open(f"{ckpts}/step-00000004/{damaged}", "wb").write(data[: len(data) // 2])  # cut short, as a full disk does
     (tmp := __import__("pathlib").Path(ckpts) / ".step-00000006.0123abcd.tmp").mkdir()  # a killed write's leftover
     (tmp / "tensors.safetensors").write_bytes(b"partial")
     (__import__("pathlib").Path(run.out_dir) / "adapter.safetensors").unlink()
