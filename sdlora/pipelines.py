@@ -106,8 +106,17 @@ class Base:
     def pipeline_with(self, **replace):
         """A new pipeline object over this base's components with some replaced (a scheduler, fresh models);
         the other components are shared, not copied. Pipelines are cheap; schedulers hold per-call state."""
+        import inspect
+
         components = dict(self.pipe.components)
         components.update(replace)
+        # The pipeline's own settings go along: SDXL's force_zeros_for_empty_prompt defaults to True, and a base
+        # that learned its unconditional model from empty captions (the embedded SDXL base) must keep False, or
+        # guidance pushes away from zeros it never saw and every picture comes out noise.
+        accepted = inspect.signature(type(self.pipe).__init__).parameters
+        settings = {k: v for k, v in self.pipe.config.items() if k in accepted and k not in components
+                    and not k.startswith("_")}
+        components.update(settings)
         if "safety_checker" in components:
             components["requires_safety_checker"] = False
         return type(self.pipe)(**components)
