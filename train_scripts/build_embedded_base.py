@@ -33,6 +33,7 @@ from train_scripts.shapes import (  # noqa: E402
     VOCAB_WORDS, background_name, draw_scene, dominant_foreground_color, random_scene)
 from train_scripts.base_tokenizer import MAX_TOKENS, build_tokenizer, write_classic_tokenizer_files  # noqa: E402
 from train_scripts.texture_corpus import corpus  # noqa: E402
+from train_scripts import embedded_sdxl  # noqa: E402
 from sdlora.atomic import atomic_folder  # noqa: E402
 
 PX = 64  # picture side
@@ -161,21 +162,26 @@ def encode_all(vae, images, batch: int = 256):
     return torch.cat(means), torch.cat(stds)  # (N, C, 16, 16) each
 
 
-def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, summary: dict):
-    """Write the diffusers folder atomically: a temporary sibling, then rename over `out`."""
+def save_pipeline(out: Path, vae, text_encoders, tokenizer, unet, summary: dict):
+    """Write the diffusers folder atomically: a temporary sibling, then rename over `out`.
+    text_encoders: (text_encoder,) for SD1, (text_encoder, text_encoder_2) for SDXL."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         steps_offset=1, timestep_spacing="leading",
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    if len(text_encoders) == 2:
+        pipe = embedded_sdxl.pipeline(vae, *text_encoders, tokenizer, unet, scheduler)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     with atomic_folder(out, replace=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        write_classic_tokenizer_files(tokenizer, tmp / "tokenizer")
+        for name in ("tokenizer", "tokenizer_2")[: len(text_encoders)]:
+            write_classic_tokenizer_files(tokenizer, tmp / name)
         (tmp / "BUILD.json").write_text(json.dumps(summary, indent=2) + "\n")
     return pipe
 
@@ -211,6 +217,8 @@ def binding_check(pipe, seeds=range(4), steps: int = 20) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("samples/embedded"))
+    ap.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+                    help="sdxl: two text encoders and SDXL's added conditioning (train_scripts/embedded_sdxl.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=8192, help="captioned shape pictures for the UNet")
     # Named backgrounds are where attribute binding is learned ("a yellow circle on a black background"):
@@ -275,8 +283,14 @@ def unet_data(args, vae, log) -> dict:
     images, captions = make_dataset(args.images, args.seed, args.p_background)
     tokenizer = build_tokenizer(VOCAB_WORDS)
     log(f"{len(images)} pictures, tokenizer of {len(tokenizer)} tokens")
-    text_encoder, unet = make_models(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                     vae.config.latent_channels)
+    if args.family == "sdxl":
+        *text_encoders, unet = embedded_sdxl.make_models(
+            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, vae.config.latent_channels,
+            LATENT_PX, MAX_TOKENS)
+    else:
+        text_encoder, unet = make_models(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                         vae.config.latent_channels)
+        text_encoders = [text_encoder]
     means, stds = encode_all(vae, images)
     standardise_latents(vae, means)
     means, stds = encode_all(vae, images)  # (N, C, 16, 16): now 0 +- 1 per channel
@@ -287,7 +301,7 @@ def unet_data(args, vae, log) -> dict:
     texts = [""] + sorted(set(captions))
     ids = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
     return {"means": means, "stds": stds, "scaling": scaling, "tokenizer": tokenizer, "ids": ids,
-            "caption_index": torch.tensor([texts.index(c) for c in captions]), "text_encoder": text_encoder,
+            "caption_index": torch.tensor([texts.index(c) for c in captions]), "text_encoders": text_encoders,
             "unet": unet}
 
 
@@ -302,18 +316,22 @@ def unet_stage(args, vae, summary: dict, log) -> None:
     gen = torch.Generator().manual_seed(args.seed + 1)
     data = unet_data(args, vae, log)
     means, stds, scaling, ids, caption_index = (data[k] for k in ("means", "stds", "scaling", "ids", "caption_index"))
-    tokenizer, text_encoder, unet = data["tokenizer"], data["text_encoder"], data["unet"]
+    tokenizer, text_encoders, unet = data["tokenizer"], data["text_encoders"], data["unet"]
+    if args.family == "sdxl":
+        condition = embedded_sdxl.conditioner(*text_encoders, PX)
+    else:
+        condition = lambda ids: (text_encoders[0](ids)[0], None)  # noqa: E731  (B, 77, 64), no added kwargs
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     alphas = noise_sched.alphas_cumprod  # (1000,)
     snr = alphas / (1 - alphas)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + [p for te in text_encoders for p in te.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.unet_steps, 100))
     summary.update(unet_steps=args.unet_steps, unet_batch=args.unet_batch, lr=args.lr, noise_offset=args.noise_offset,
                    scaling_factor=scaling)
     for step in range(args.unet_steps):
-        unet.train()
-        text_encoder.train()
+        for model in (unet, *text_encoders):
+            model.train()
         idx = torch.randint(len(means), (args.unet_batch,), generator=gen)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling  # (B, C, 16, 16)
         cap = caption_index[idx].clone()
@@ -325,8 +343,8 @@ def unet_stage(args, vae, summary: dict, log) -> None:
         noise = noise + args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
-        hidden = text_encoder(ids[cap])[0]  # (B, 77, 64)
-        pred = unet(noisy, t, hidden).sample
+        hidden, added = condition(ids[cap])  # (B, 77, 64), SDXL (B, 77, 128) and its pooled / time ids
+        pred = unet(noisy, t, hidden, added_cond_kwargs=added).sample
         # min-SNR-5 weighting (Hang et al. 2023) for epsilon prediction: min(snr, 5) / snr.
         weight = torch.clamp(snr[t], max=5.0) / snr[t]
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
@@ -338,12 +356,12 @@ def unet_stage(args, vae, summary: dict, log) -> None:
         if step % 50 == 0:
             log(f"unet step {step}/{args.unet_steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e}")
         if step == args.unet_steps - 1 or (step + 1) % args.save_every == 0:
-            unet.eval()
-            text_encoder.eval()
+            for model in (unet, *text_encoders):
+                model.eval()
             unet_seconds = time.time() - t_unet
             summary.update(steps_done=step + 1, unet_stage_seconds=round(unet_seconds, 1),
                            seconds=round(summary.get("vae_seconds", 0.0) + unet_seconds, 1))
-            pipe = save_pipeline(args.out, vae, text_encoder, tokenizer, unet, summary)
+            pipe = save_pipeline(args.out, vae, text_encoders, tokenizer, unet, summary)
             pipe.set_progress_bar_config(disable=True)
             acc, bound = colour_check(pipe), binding_check(pipe)
             summary.update(colour_check=acc, binding_check=round(bound, 3))
@@ -358,7 +376,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    summary = {"base_version": 2, "seed": args.seed, "images": args.images, "p_background": args.p_background}
+    summary = {"base_version": 2, "family": args.family, "seed": args.seed, "images": args.images,
+               "p_background": args.p_background}
     vae = vae_stage(args, summary, log, t0)
     if args.vae_only:
         vae.save_pretrained(args.out, safe_serialization=True)
