@@ -120,7 +120,7 @@ def read_adapter_file(path: str | Path, base=None) -> AdapterFile:
     resolved against `base` (without a base, modules keep their kohya names: enough to inspect, resize or merge
     a file in its own layout)."""
     af = _parse_adapter_file(str(path), base)
-    validate(af, str(path))
+    validate(af, str(path), allow_empty=True)
     return af
 
 

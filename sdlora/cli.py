@@ -223,10 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve the web page on HOST:PORT (127.0.0.1 by default: this machine only).")
     w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     w.add_argument("--port", type=int, default=7860)
-    w.add_argument("--allowed-hosts", default="", metavar="NAME,NAME",
-                   help="host names the page may be reached by besides localhost, 127.0.0.1, ::1 and --host "
-                        "(e.g. the machine's name on your network); requests for any other Host are refused, "
-                        "against DNS rebinding")
+    w.add_argument("--allowed-hosts", default="", metavar="NAME,NAME", help="host names the page answers to besides "
+                   "localhost, 127.0.0.1, ::1 and --host; any other Host is refused (DNS rebinding)")
     w.add_argument("--auth", metavar="USER:PASS", default=None, help="ask for this user and password")
     w.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     w.add_argument("--library", default="adapters", metavar="DIR", help="the adapter library folder (default adapters)")

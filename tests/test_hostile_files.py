@@ -171,3 +171,37 @@ def _copy_big_png(tmp_path):
     path = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (450, 450, 3), dtype=np.uint8)).save(path)
     return path
+
+
+def test_exports_keep_private_folder_paths_out(tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+
+    from sdlora.adapter_io import read_adapter_file, write_adapter_file
+
+    af = read_adapter_file(_kohya(tmp_path / "k.safetensors"))
+    af.training = {"data_dir": "/home/me/private/cats", "out_dir": "/home/me/runs/cats-1", "base": "embedded", "rank": 4}
+    native = tmp_path / "cats.safetensors"
+    write_adapter_file(af, native, "kohya")  # kohya names, no base needed
+    for fmt in ("kohya",):
+        out = tmp_path / f"shared-{fmt}.safetensors"
+        assert run(capsys, "export", native, "--format", fmt, "--out", out)[0] == 0
+        with safe_open(str(out), "pt") as f:
+            meta = f.metadata()
+        training = json.loads(meta["sdlora_training"])
+        assert (training["data_dir"], training["out_dir"], training["base"]) == ("cats", "cats-1", "embedded")
+        assert "/home/me" not in json.dumps(meta)
+
+
+def test_every_train_flag_says_its_default():
+    import argparse
+
+    from sdlora.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    helps = {o: a.help or "" for a in sub._actions for o in a.option_strings}
+    for flag in ("--method", "--rank", "--alpha", "--targets", "--lr", "--seed", "--repeats", "--noise-offset",
+                 "--lr-schedule", "--warmup-steps", "--trigger"):
+        assert "default" in helps[flag], (flag, helps[flag])

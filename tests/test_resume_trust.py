@@ -81,7 +81,7 @@ def test_settings_that_cannot_apply_are_refused_by_field(run, change, named):
     assert len(_rows(run)) == 6  # nothing was rewritten
 
 
-def test_other_pictures_are_refused_and_more_steps_are_allowed(run, tmp_path):
+def test_other_pictures_are_refused_and_more_steps_are_allowed(run, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(run.data_dir, other)
     next(other.glob("*.png")).unlink()
@@ -89,5 +89,8 @@ def test_other_pictures_are_refused_and_more_steps_are_allowed(run, tmp_path):
         train(replace(run, resume=True, data_dir=str(other), steps=8), progress=False)
     moved = tmp_path / "moved"
     shutil.copytree(run.data_dir, moved)
-    result = train(replace(run, resume=True, data_dir=str(moved), steps=8), progress=False)  # same pictures, moved
+    capsys.readouterr()
+    result = train(replace(run, resume=True, data_dir=str(moved), steps=8), progress=True)  # same pictures, moved
     assert len(result.losses) == 8
+    said = capsys.readouterr().err  # before the first step, what the run found and does
+    assert f"train: 8 pictures in {moved}" in said and "encoding 8 pictures into latents" in said

@@ -80,13 +80,13 @@ _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def validate(af: AdapterFile, path: str) -> None:
+def validate(af: AdapterFile, path: str, allow_empty: bool = False) -> None:
     """Every module's tensors are what the formula D = scale * up @ down (or a dense D) needs: floating point,
     finite, 2-D or 4-D, ranks that agree, a 4-D up of (out, r, 1, 1), magnitudes of (out,). Run on every file
     read and on every adapter about to be written, so that no command writes what nothing can load."""
     from ..errors import SdloraError
 
-    if not af.modules:
+    if not af.modules and not allow_empty:  # on read, the base check says better what matched nothing
         raise SdloraError(f"{path}: no adapter modules", "pass a file with at least one adapted layer")
     for key, m in af.modules.items():
         where = f"{path}: module '{key}'"

@@ -199,4 +199,9 @@ def from_state_dict(tensors: dict, metadata: dict, inverse_table: dict[str, str]
     af.extra_metadata = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec."))}
     if unknown:
         af.extra_metadata["unknown_keys"] = unknown
+    try:  # our own kohya exports carry the training summary: keep it through resize, merge and export
+        training = json.loads(metadata.get("sdlora_training", "{}"))
+        af.training = training if isinstance(training, dict) else {}
+    except json.JSONDecodeError:
+        pass  # metadata is shown, never trusted: a broken summary is simply not read
     return af

@@ -58,6 +58,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def _check_out_dir(cfg: TrainConfig, out_dir: Path, ckpt_dir: Path) -> None:
     """Before any work: a resume needs a checkpoint; a new run must not mix with an earlier one's
     checkpoints (pruning would keep those, and --resume would pick them) nor overwrite its adapter."""
+    for parent in (out_dir, *out_dir.parents):  # before any work: a file where the run's folder must be
+        if parent.exists():
+            if not parent.is_dir():
+                raise SdloraError(f"--out {out_dir}: {parent} is a file where a folder is needed", "pass another --out")
+            break
     clear_temporaries(ckpt_dir)  # what killed checkpoint writes left behind
     if cfg.resume:
         if latest_checkpoint(ckpt_dir) is None:
