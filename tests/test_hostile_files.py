@@ -205,3 +205,29 @@ def test_every_train_flag_says_its_default():
     for flag in ("--method", "--rank", "--alpha", "--targets", "--lr", "--seed", "--repeats", "--noise-offset",
                  "--lr-schedule", "--warmup-steps", "--trigger"):
         assert "default" in helps[flag], (flag, helps[flag])
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), PermissionError(13, "Permission denied")])
+def test_a_full_or_read_only_disk_is_one_line_and_the_old_file_stays(tmp_path, capsys, monkeypatch, error):
+    """As root these tests cannot make a real read-only folder or fill a disk: the write's last step (the rename
+    that would put the new file in place) fails as the kernel would fail it."""
+    import os
+
+    good = _kohya(tmp_path / "good.safetensors")
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"the earlier file")
+    real_replace = os.replace
+
+    def failing(src, dst, *a, **k):
+        if str(dst) == str(out):
+            err = type(error)(error.errno, error.strerror)
+            err.filename = str(dst)
+            raise err
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", failing)
+    code, err = run(capsys, "export", good, "--format", "kohya", "--out", out)
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.endswith(" modules")]
+    assert code == 2 and len(lines) == 1 and error.strerror in lines[0] and "out.safetensors" in lines[0], err
+    assert out.read_bytes() == b"the earlier file"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
