@@ -297,9 +297,10 @@ def base_size(af: AdapterFile) -> str:
         parts.append(f"text encoder {te[0]} wide")
     if "text_encoder_2" in widths:
         parts.append(f"second text encoder {widths['text_encoder_2'][0]} wide")
-    known = _KNOWN_SIZES.get((af.base_family, unet and unet[1], te and te[0]))
-    if known is None and unet:  # a UNet-only file still tells its size
-        known = next((v for (f, u, _), v in _KNOWN_SIZES.items() if f == af.base_family and u == unet[1] and not te), None)
+    # The widest UNet layer is a block width C, or a feed-forward's 4C (GEGLU's projection: 8C) when those are adapted.
+    block = next((u for (f, u, _) in _KNOWN_SIZES if unet and f == af.base_family and unet[1] in (u, 4 * u, 8 * u)), None)
+    known = next((v for (f, u, t), v in _KNOWN_SIZES.items()
+                  if f == af.base_family and u == block and (te is None or te[0] == t)), None)
     return ", ".join(parts) + (f" ({known}'s size)" if known else "")
 
 
