@@ -70,10 +70,20 @@ def add_tool_parsers(sub) -> None:
 
 
 def _layout(path: str) -> str:
+    """The file's layout from its header alone (keys and metadata; no tensor is loaded): the tools ask it of
+    every input before the one real read. A file that is not a readable .safetensors goes to the full read,
+    which names what is wrong with it."""
+    from safetensors import safe_open
+
     from .adapter_io import detect_format
     from .formats.io import read_safetensors
 
-    return detect_format(*read_safetensors(path), path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys, metadata = list(f.keys()), dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001  pickles, missing or truncated files: read_safetensors says which
+        keys, metadata = read_safetensors(path)
+    return detect_format(keys, metadata, path)
 
 
 def _file_tool_base(args, paths: list[str], out_format: str, force: bool = False):
