@@ -59,8 +59,10 @@ demo: $(VENV)/.installed
 		--x dots=0,0.5,1 --y neon=0,0.5,1 --seed 0 --steps 25 --out out/demo-mix.png > /dev/null
 	@echo "demo: wrote out/demo-mix.png (dots weight across, neon weight down)"
 
+# Two workers for two cores (tests/conftest.py gives each one thread).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -rs --durations=12 tests
+	$(PY) -m pytest -q -rs --durations=12 -n $(TEST_WORKERS) --dist loadgroup tests
 
 # Drift found on purpose, not by a red CI: a fresh .venv-latest with the newest versions the registries
 # serve (no lock), the differences from the lock, then the whole suite there. May fail; not part of CI.

@@ -4,9 +4,18 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# `make test` runs two pytest-xdist workers on the two cores. Each worker (and every `sdlora` it spawns, through
+# the environment) computes on one thread: this project's models are small, so a step is dispatch-bound and two
+# threads per op cost more than they give (100 embedded training steps: 28 s on one thread, 33 s on two).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -15,6 +24,11 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    # Every test of the four trained styles runs on one xdist worker (--dist loadgroup), so each style is
+    # trained once per run, not once per worker.
+    for item in items:
+        if "style_adapter" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("styles"))
 
 
 @pytest.fixture(scope="session")
