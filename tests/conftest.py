@@ -18,17 +18,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks added here
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA")
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
-    # Every test of the four trained styles runs on one xdist worker (--dist loadgroup), so each style is
-    # trained once per run, not once per worker.
+    # The tests of one style run on one xdist worker (--dist loadgroup), so its pictures are judged once; its
+    # training is shared across workers anyway (style_adapter).
     for item in items:
-        if "style_adapter" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("styles"))
+        style = getattr(item, "callspec", None) and item.callspec.params.get("style")
+        if style and "style_adapter" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(f"style-{style}"))
 
 
 @pytest.fixture(scope="session")
@@ -56,20 +58,29 @@ def tiny_sdxl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def style_adapter(tmp_path_factory):
     """style name -> an adapter trained on samples/styles/NAME by `sdlora train`'s DEFAULT settings, once
-    per session (the style tests and the mixing test share them)."""
+    per run (the style tests and the mixing test share them). Under xdist the workers share one folder:
+    the first worker to need a style trains it while holding its lock, the others wait and read it."""
     from pathlib import Path
+
+    from filelock import FileLock
 
     from sdlora.training.config import TrainConfig
     from sdlora.training.loop import train
 
     styles = Path(__file__).resolve().parents[1] / "samples" / "styles"
-    trained: dict[str, Path] = {}
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
+    shared = shared / "styles"
+    shared.mkdir(exist_ok=True)
 
     def get(style: str) -> Path:
-        if style not in trained:
-            out = tmp_path_factory.mktemp(f"style-{style}")
-            cfg = TrainConfig(data_dir=str(styles / style), out_dir=str(out), name=style)
-            trained[style] = train(cfg, progress=False).adapter
-        return trained[style]
+        out = shared / style
+        with FileLock(str(shared / f"{style}.lock")):
+            done = out / "trained.txt"
+            if not done.exists():
+                cfg = TrainConfig(data_dir=str(styles / style), out_dir=str(out), name=style)
+                done.write_text(str(train(cfg, progress=False).adapter))
+            return Path(done.read_text())
 
     return get
