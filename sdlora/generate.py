@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -103,27 +103,45 @@ class Generated:
         return info
 
 
-def _call_pipeline(base: Base, settings: GenerateSettings, prompt: str, width: int, height: int, on_step,
-                   mix=None):
-    """One batch of `num` pictures for one prompt. A fresh pipeline object around the shared
-    modules carries its own scheduler, so concurrent calls do not share scheduler state."""
+@dataclass(frozen=True)
+class Item:
+    """One picture of a batched call: its own prompt, negative prompt, seed and mix (a mixing.Mix or None)."""
+
+    prompt: str
+    negative: str
+    seed: int
+    mix: object = None
+
+
+def _call_pipeline(base: Base, settings: GenerateSettings, items: list[Item], width: int, height: int, on_step,
+                   mix=None, mode: str = "auto", should_stop=None):
+    """One batch: a picture per item (its prompt, negative prompt and seed; settings' size, steps, sampler and
+    guidance shared). `mix` is a Mix for every picture or a list with one per item. A fresh pipeline object
+    around the shared modules carries its own scheduler, so concurrent calls do not share scheduler state.
+    should_stop() true after a step: the remaining steps are skipped and the pictures decoded as they are
+    (A1111's interrupt)."""
     pipe = base.pipeline_with(scheduler=make_scheduler(settings.scheduler, base.pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     device = base.pipe.device
     # One generator per picture: picture k of a call equals a call with seed + k (as in A1111).
-    gens = [torch.Generator(device="cpu").manual_seed(settings.seed_of(k)) for k in range(settings.num)]
-    # Initial noise drawn on the CPU for every device, so a seed gives the same picture everywhere.
-    shape = (settings.num, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    gens = [torch.Generator(device="cpu").manual_seed(item.seed) for item in items]
+    # Initial noise drawn on the CPU for every device, so a seed gives the same picture everywhere:
+    # (n, C, h, w), each picture's from its own generator, so a picture does not depend on its batch.
+    shape = (len(items), pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     latents = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(device, pipe.unet.dtype)
-    with base.mixer.apply(mix) as plan:
+    negatives = [item.negative for item in items]
+    with base.mixer.apply(mix, mode=mode) as plan:
         def step_end(p, i, t, kw):
             plan.step = i + 1  # step ranges of the mix count denoising steps from 0
             on_step()
+            if should_stop is not None and should_stop():
+                p._interrupt = True  # diffusers' pipelines skip the remaining steps
             return kw
 
         return pipe(
-            prompt=[prompt] * settings.num,
-            negative_prompt=[settings.negative] * settings.num if settings.negative else None,
+            prompt=[item.prompt for item in items],
+            # None, not [""]: SDXL zeroes the unconditional embedding for an absent negative prompt
+            negative_prompt=negatives if any(negatives) else None,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
             guidance_rescale=settings.guidance_rescale,
@@ -152,11 +170,35 @@ def generate(base: Base, settings: GenerateSettings, progress: bool = True, mix=
     results: list[Generated] = []
     with tqdm(total=total, desc="generating", unit="step", disable=not progress) as bar:
         for prompt in settings.prompts:
-            images = _call_pipeline(base, settings, prompt, width, height, lambda: bar.update(1), mix)
+            items = [Item(prompt, settings.negative, settings.seed_of(k)) for k in range(settings.num)]
+            images = _call_pipeline(base, settings, items, width, height, lambda: bar.update(1), mix)
             extra = {"quant": base.quant} if base.quant else {}
             results += [Generated(im, prompt, settings.seed_of(k), settings, base.source, dict(extra))
                         for k, im in enumerate(images)]
     return results
+
+
+@torch.inference_mode()
+def generate_items(base: Base, settings: GenerateSettings, items: list[Item], on_step=None,
+                   should_stop=None) -> list[Generated]:
+    """One batched pass over pictures with their own prompts, negative prompts, seeds and mixes, sharing
+    settings' size, steps, sampler and guidance (settings' prompts, negative, seed and num are not used).
+    Pictures that all share one mix run as generate() runs them (fused on a float base), so a lone request
+    gets generate()'s pixels; different mixes run per-sample in the one pass."""
+    from .mixing import Mix
+
+    if not items:
+        return []
+    width = settings.width or base.native_size
+    height = settings.height or base.native_size
+    mixes = [item.mix or Mix() for item in items]
+    shared = all(m == mixes[0] for m in mixes)
+    images = _call_pipeline(base, settings, items, width, height, on_step or (lambda: None),
+                            mixes[0] if shared else mixes, should_stop=should_stop)
+    extra = {"quant": base.quant} if base.quant else {}
+    return [Generated(im, item.prompt, item.seed, replace(settings, prompts=(item.prompt,), negative=item.negative,
+                                                          seed=item.seed, num=1), base.source, dict(extra))
+            for im, item in zip(images, items)]
 
 
 def _font(size: int):

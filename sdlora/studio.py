@@ -21,9 +21,11 @@ from PIL import Image
 
 from .atomic import atomic_file, atomic_folder, is_temporary
 from .errors import SdloraError
-from .generate import Generated, GenerateSettings, generate, labelled_grid, save_png
+from .batching import Batcher
+from .generate import Generated, GenerateSettings, Item, generate, labelled_grid, save_png
 from .library import AdapterLibrary
-from .mixing import BLOCKS, AdapterWeights, Mix
+from .block_weights import check_keys, lbw_weights
+from .mixing import AdapterWeights, Mix
 from .prompt_tags import parse_prompt_tags
 
 
@@ -54,14 +56,20 @@ class Slot:
 
 
 def _parse_blocks(text: str) -> dict[str, float] | None:
+    """'down=1, mid=0.5, up.1=0, IN05=0' (groups, block indices, LBW names), or an LBW preset or weight list
+    ('MIDD', '1,0,0,...' of 12/17/20/26 numbers)."""
     if not text.strip():
         return None
+    if "=" not in text:
+        return lbw_weights(text)
     out = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
-        if not sep or key.strip() not in BLOCKS:
-            raise SdloraError(f"cannot read block weights {text!r}", "write e.g. down=1, mid=0.5, up=1")
+        if not sep:
+            raise SdloraError(f"cannot read block weights {text!r}", "write e.g. down=1, mid=0.5, up.1=0, IN05=0, "
+                              "or an LBW preset such as MIDD")
         out[key.strip()] = value.strip()
+    check_keys(out)
     return out
 
 
@@ -96,8 +104,11 @@ class TrainJob:
 
 class Studio:
     def __init__(self, base, library: AdapterLibrary, outputs: str | Path, data_root: str | Path | None = None,
-                 limits: Limits = Limits(), base_spec: str = "embedded"):
+                 limits: Limits = Limits(), base_spec: str = "embedded", batch_window_ms: float = 50.0,
+                 max_batch: int = 8, max_queue: int = 64):
         self.base, self.library, self.limits, self.base_spec = base, library, limits, base_spec
+        # The page's and the API's pictures: requests close together run as one per-sample pass.
+        self.batcher = Batcher(base, batch_window_ms, max_batch, max_queue)
         self.outputs = Path(outputs).resolve()
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.data_root = Path(data_root).resolve() if data_root else None
@@ -183,11 +194,17 @@ class Studio:
             out.append((path, r.parameters_text() + ("\nAdapters: " + "; ".join(described) if described else "")))
         return out
 
-    def generate(self, prompt: str, slots: list[Slot], **settings) -> list[tuple[Path, str]]:
-        """Pictures for one request, saved with their settings in the PNG; (path, caption) each."""
+    def pictures(self, prompt: str, slots: list[Slot], **settings) -> tuple[list[Generated], list[str]]:
+        """Pictures for one request (through the batcher: a pass shared with requests close in time, each
+        picture exactly what it is alone) and a description of its adapters."""
         clean, mix, described = self.build_mix(prompt, slots)
         s = self.settings(clean, **settings)
-        return self._save(generate(self.base, s, progress=False, mix=mix), described)
+        items = [Item(clean, s.negative, s.seed_of(k), mix) for k in range(s.num)]
+        return self.batcher.submit(s, items), described
+
+    def generate(self, prompt: str, slots: list[Slot], **settings) -> list[tuple[Path, str]]:
+        """Pictures for one request, saved with their settings in the PNG; (path, caption) each."""
+        return self._save(*self.pictures(prompt, slots, **settings))
 
     def xy_cells(self, prompt: str, slots: list[Slot], x_name: str, x_weights: list[float], y_name: str,
                  y_weights: list[float], **settings) -> list[list[Image.Image]]:

@@ -281,7 +281,7 @@ def test_upload_a_dataset_then_train_stop_and_find_it_in_the_library(site):
     assert "stopped" in studio.library.names()
 
 
-def test_concurrent_clients_with_different_mixes_get_their_own_pixels(site):
+def test_concurrent_clients_with_different_mixes_get_their_own_pictures(site):
     from gradio_client import Client
 
     mixes = [slots(), slots(("style-a", 1.0, 1.0)), slots(("style-b", 0.8, 0.2)),
@@ -304,8 +304,10 @@ def test_concurrent_clients_with_different_mixes_get_their_own_pixels(site):
     for t in threads:
         t.join(300)
     assert not errors and len(results) == 8
-    for i, got in results.items():
-        assert np.array_equal(got, serial[i % 4]), f"client {i} got another mix's picture"
+    from tests.core_helpers import assert_own_picture
+
+    for i, got in results.items():  # batched by the Studio: its own mix's picture, but for kernel rounding
+        assert_own_picture(got, serial[i % 4], [p for j, p in enumerate(serial) if j != i % 4], f"client {i}")
 
 
 def test_refused_requests(site):
