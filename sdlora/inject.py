@@ -44,12 +44,21 @@ def _attention_projections(m: nn.Module) -> list[str]:
 
 
 def region_of(role: str, name: str) -> str:
-    """'unet' + 'down_blocks.1.attentions.0...' -> 'unet.down.1'; mid_block -> 'unet.mid'."""
+    """Where per-block weights apply: 'unet' + 'down_blocks.1.attentions.1...' -> 'unet.down.1.IN05' (group, diffusers
+    block index, LBW block: sdlora/block_weights.py); mid_block -> 'unet.mid.M00'; conv_in -> 'unet.in.IN00';
+    other UNet layers 'unet'; text encoders their role."""
+    from .block_weights import lbw_block
+
     parts = name.split(".")
-    if role == "unet" and len(parts) >= 2 and parts[0] in ("down_blocks", "up_blocks"):
-        return f"unet.{parts[0][:-7]}.{parts[1]}"
-    if role == "unet" and parts[0] == "mid_block":
-        return "unet.mid"
+    if role != "unet":
+        return role
+    block = lbw_block(name)
+    if len(parts) >= 2 and parts[0] in ("down_blocks", "up_blocks"):
+        return f"unet.{parts[0][:-7]}.{parts[1]}" + (f".{block}" if block else "")
+    if parts[0] == "mid_block":
+        return "unet.mid.M00"
+    if block:
+        return f"unet.in.{block}"
     return role
 
 

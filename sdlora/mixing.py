@@ -28,6 +28,7 @@ from torch import nn
 
 from .adapters.context import reset_mix, set_mix
 from .adapters.layer import AdapterLayer
+from .block_weights import block_factor, check_keys
 from .errors import SdloraError
 from .quant import is_quantized
 
@@ -56,8 +57,10 @@ _check_weight = check_weight
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """One adapter's weights in a mix. `blocks` multiplies the UNet weight per block group
-    (down, mid, up); `steps` = (a, b) applies the adapter from denoising step a to step b - 1."""
+    """One adapter's weights in a mix. `blocks` multiplies the weight per block: groups (down, mid, up), diffusers
+    block indices (down.1, up.0) or LoRA Block Weight names (BASE for the text encoders, IN05, M00, OUT03; the
+    most specific key covering a layer wins, see sdlora/block_weights.py); `steps` = (a, b) applies the adapter
+    from denoising step a to step b - 1."""
 
     unet: float = 1.0
     text_encoder: float = 1.0
@@ -68,9 +71,7 @@ class AdapterWeights:
         object.__setattr__(self, "unet", _check_weight(self.unet, "UNet weight"))
         object.__setattr__(self, "text_encoder", _check_weight(self.text_encoder, "text-encoder weight"))
         if self.blocks is not None:
-            unknown = set(self.blocks) - set(BLOCKS)
-            if unknown:
-                raise SdloraError(f"unknown block group(s) {sorted(unknown)}", f"use {', '.join(BLOCKS)}")
+            check_keys(self.blocks)
             object.__setattr__(self, "blocks", {k: _check_weight(v, f"block weight '{k}'") for k, v in self.blocks.items()})
         if self.steps is not None:
             a, b = self.steps
@@ -80,13 +81,8 @@ class AdapterWeights:
     def weight_for(self, region: str, step: int) -> float:
         if self.steps is not None and not self.steps[0] <= step < self.steps[1]:
             return 0.0
-        if not region.startswith("unet"):
-            return self.text_encoder
-        w = self.unet
-        if self.blocks is not None:
-            group = region.split(".")[1] if "." in region else None
-            w *= self.blocks.get(group, 1.0) if group in BLOCKS else 1.0
-        return w
+        w = self.unet if region.startswith("unet") else self.text_encoder
+        return w * block_factor(self.blocks, region) if self.blocks else w
 
 
 @dataclass(frozen=True)

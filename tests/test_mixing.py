@@ -152,7 +152,7 @@ def test_mixes_in_threads_do_not_leak():
     [
         (lambda m: m.apply(Mix({"nope": 1.0})), "not loaded: nope"),
         (lambda m: m.apply(Mix({"a": float("nan")})), "must be a number from -100 to 100"),
-        (lambda m: m.apply(Mix({"a": AdapterWeights(blocks={"left": 1.0})})), "unknown block group"),
+        (lambda m: m.apply(Mix({"a": AdapterWeights(blocks={"left": 1.0})})), "unknown block name"),
         (lambda m: m.apply(Mix({"a": 1.0}), mode="sideways"), "unknown mix mode"),
     ],
 )
