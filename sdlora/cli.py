@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from .cli_common import add_base_flags, check_out_folder, load_mix, parse_size, pick_device
+from .cli_serve import add_serve_parsers
 from .cli_tools import add_tool_parsers
 from .errors import SdloraError
 from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -105,40 +106,6 @@ def cmd_xy(args) -> int:
     return 0
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def cmd_webui(args) -> int:
-    import time
-
-    from .library import AdapterLibrary
-    from .pipelines import load_base
-    from .studio import Studio
-
-    try:
-        from webui.app import parse_auth, serve
-    except ImportError as err:
-        raise SdloraError(f"the web UI is not importable ({err})", "run from the repository or reinstall sdlora") from err
-    if args.auth:
-        parse_auth(args.auth)  # before the base loads: a typo costs no waiting
-    if args.host not in LOOPBACK and not args.auth:
-        print(f"sdlora: warning: the page is reachable from other machines on {args.host} without a password; "
-              "pass --auth USER:PASS", file=sys.stderr)
-    base = load_base(args.base, device=pick_device(args.device), config=args.base_config)
-    if args.quant != "none":
-        base.quantize(args.quant)
-    studio = Studio(base, AdapterLibrary(args.library), args.outputs, args.data_root, base_spec=args.base)
-    page = serve(studio, host=args.host, port=args.port, auth=args.auth, share=args.share,
-                 extra_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()))
-    print(f"sdlora: serving {page.local_url} (library {studio.library.folder}, outputs {studio.outputs})",
-          file=sys.stderr)
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        page.close()
-
-
 def _shown(value) -> str:
     if value is None:
         return "unset"
@@ -219,19 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    w = sub.add_parser("webui", help="serve the Gradio page: generate with a mix, train, manage the library",
-                       description="Serve the web page on HOST:PORT (127.0.0.1 by default: this machine only).")
-    w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    w.add_argument("--port", type=int, default=7860)
-    w.add_argument("--allowed-hosts", default="", metavar="NAME,NAME", help="host names the page answers to besides "
-                   "localhost, 127.0.0.1, ::1 and --host; any other Host is refused (DNS rebinding)")
-    w.add_argument("--auth", metavar="USER:PASS", default=None, help="ask for this user and password")
-    w.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    w.add_argument("--library", default="adapters", metavar="DIR", help="the adapter library folder (default adapters)")
-    w.add_argument("--outputs", default="out/webui", metavar="DIR", help="where pictures and runs go")
-    w.add_argument("--data-root", default=None, metavar="DIR", help="folder whose subfolders are training datasets")
-    add_base_flags(w)
-    w.set_defaults(func=cmd_webui)
+    add_serve_parsers(sub)
 
     xy = sub.add_parser("xy", help="an X/Y grid of two library adapters' weights, as on the web page",
                         description="Draw each PROMPT with adapter X's weights across and adapter Y's down (UNet and "

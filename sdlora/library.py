@@ -83,6 +83,12 @@ class AdapterLibrary:
                             info["base_family"] or "?", ", ".join(info["trigger_words"]),
                             round(info["size_bytes"] / 1024, 1))
 
+    def metadata(self, name: str) -> dict[str, str]:
+        """A listed adapter's safetensors metadata (kohya's ss_* keys and ours), from the header only."""
+        from .formats.io import read_metadata
+
+        return read_metadata(self.path(name))
+
     def inspect(self, name: str) -> dict:
         path = self.path(name)
         info = describe(read_adapter_file(path), str(path))

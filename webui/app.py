@@ -85,7 +85,7 @@ def _generate_tab(studio: Studio) -> SimpleNamespace:
                     gr.Slider(-lim.max_weight, lim.max_weight, value=1.0, step=0.05, label="Text-encoder weight",
                               elem_id=f"slot{i}-te"),
                     gr.Checkbox(True, label="On", elem_id=f"slot{i}-on"),
-                    gr.Textbox(label="Block weights", placeholder="down=1, mid=1, up=1"),
+                    gr.Textbox(label="Block weights", placeholder="down=1, mid=0.5, IN05=0 or an LBW preset: MIDD"),
                     gr.Textbox(label="Step range", placeholder="0-20"),
                 ]
         with gr.Row():
@@ -356,21 +356,31 @@ def parse_auth(auth: str) -> tuple[str, str]:
 
 
 def launch_options(studio: Studio, host: str = "127.0.0.1", port: int | None = None, auth: str | None = None,
-                   share: bool = False, extra_hosts: tuple[str, ...] = ()) -> dict:
+                   share: bool = False, extra_hosts: tuple[str, ...] = (), api: bool = False,
+                   api_auth: str | None = None) -> dict:
     """Blocks.launch arguments: local by default, only the library and output folders served, uploads
-    capped, no monitoring page, no share link unless asked."""
+    capped, no monitoring page, no share link unless asked. api: A1111's /sdapi/v1 routes beside the page
+    (webui/a1111.py), behind the same Host/Origin check and their own --api-auth (the page's --auth is not
+    theirs, as in A1111)."""
     from starlette.middleware import Middleware
 
+    middleware = [Middleware(SameOriginOnly, hosts=allowed_hosts(host, extra_hosts))]
+    if api:
+        from .a1111 import MountApi, api_app
+
+        middleware.append(Middleware(MountApi, api=api_app(studio, api_auth)))
     options = dict(server_name=host, server_port=port, share=share, enable_monitoring=False, strict_cors=True,
                    allowed_paths=[str(studio.outputs), str(studio.library.folder)],
                    max_file_size=f"{studio.limits.max_upload_mb}mb", ssr_mode=False, show_error=True,
-                   app_kwargs={"middleware": [Middleware(SameOriginOnly, hosts=allowed_hosts(host, extra_hosts))]})
+                   app_kwargs={"middleware": middleware})
     if auth:
         options["auth"] = parse_auth(auth)
     return options
 
 
-def serve(studio: Studio, queue_size: int = 16, concurrency: int = 2, **launch) -> gr.Blocks:
+def serve(studio: Studio, queue_size: int = 16, concurrency: int = 8, **launch) -> gr.Blocks:
+    # Several events at once, so that concurrent requests reach the Studio's batcher together (it runs one pass
+    # at a time and merges those that share their settings).
     page = build(studio).queue(max_size=queue_size, default_concurrency_limit=concurrency, api_open=False)
     page.launch(**launch_options(studio, **launch), prevent_thread_lock=True, quiet=True)
     return page

@@ -13,6 +13,18 @@ from ..errors import SdloraError
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A .safetensors file's metadata from its header alone (no tensor read); {} for a file that has none
+    or cannot be read (listings show what they can)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001  a broken file lists with empty metadata; loading it says what is wrong
+        return {}
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors (copied into memory, so the file may be replaced while they live) and the
     metadata. Refuses pickles unread, and names the file and key of anything broken."""

@@ -22,11 +22,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-results.json"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", nargs="*", choices=["memory", "train", "train-sdxl", "generate"], default=None)
+    ap.add_argument("--only", nargs="*", choices=["memory", "train", "train-sdxl", "generate", "serve"], default=None)
     args = ap.parse_args(argv)
     runs = 3 if args.quick else 5
     where = machine()
-    sections = args.only or ["memory", "train", "generate"] + ([] if args.quick else ["train-sdxl"])
+    sections = args.only or ["memory", "train", "generate", "serve"] + ([] if args.quick else ["train-sdxl"])
     rows: list[Row] = []
     t0 = time.time()
     if "memory" in sections:
@@ -49,6 +49,11 @@ def main(argv=None) -> int:
 
         rows += generation.run(where, runs=runs)
         print(f"[generation done at {time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
+    if "serve" in sections:
+        from . import serving
+
+        rows += serving.run(where, runs=3)
+        print(f"[serving done at {time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
     if not torch.cuda.is_available():
         rows.append(Row("GPU rows (64x64 latents, bf16, MFU)", None, None, "-", None, where,
                         note="no GPU on this machine: run `make bench` where CUDA is present"))
