@@ -67,6 +67,7 @@ class Batcher:
         self._interrupt = threading.Event()
         self.progress = Progress()
         self.passes: list[int] = []  # pictures per pass run so far (the tests read it)
+        self.last_pass_steps = 0  # denoising steps the last pass ran (fewer than asked when interrupted)
         self._thread = threading.Thread(target=self._work, name="sdlora-batcher", daemon=True)
         self._thread.start()
 
@@ -147,6 +148,7 @@ class Batcher:
                 job.error = err
         finally:
             with self._cond:
+                self.last_pass_steps = p.sampling_step
                 p.job, p.sampling_step, p.sampling_steps = "", 0, 0
                 p.job_count = len(self._pending)
             for job in jobs:

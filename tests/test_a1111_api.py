@@ -149,3 +149,33 @@ def test_eight_concurrent_clients_with_eight_mixes_run_batched_and_get_their_own
     assert len({g.tobytes() for g in got}) == 8
     concurrent_passes = batcher.passes[passes_before:]
     assert sum(concurrent_passes) == 8 and max(concurrent_passes) >= 4, concurrent_passes  # batched, not 8 passes
+
+
+def test_the_pages_host_and_origin_checks_guard_the_api(server):
+    url, auth = f"{server['url']}/sdapi/v1/loras", (USER, PASSWORD)
+    assert requests.get(url, auth=auth, headers={"Origin": "http://evil.example"}).status_code == 403
+    assert requests.get(url, auth=auth, headers={"Host": "evil.example:7861"}).status_code == 403
+    assert requests.get(url, auth=auth, headers={"Origin": server["url"]}).status_code == 200
+
+
+def test_interrupt_stops_the_running_pass_and_progress_shows_it(server):
+    url, auth = f"{server['url']}/sdapi/v1", (USER, PASSWORD)
+    answer = {}
+
+    def long_request():
+        answer["r"] = requests.post(f"{url}/txt2img", json={"prompt": "a green triangle", "seed": 1, "steps": 150,
+                                                            "width": 64, "height": 64}, auth=auth)
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    for _ in range(600):  # until the pass is a few steps in
+        state = requests.get(f"{url}/progress", auth=auth).json()["state"]
+        if state["sampling_step"] >= 3:
+            break
+        threading.Event().wait(0.05)
+    assert state["sampling_steps"] == 150 and state["job_count"] >= 1
+    assert requests.post(f"{url}/interrupt", auth=auth).status_code == 200
+    worker.join(120)
+    assert answer["r"].status_code == 200 and len(answer["r"].json()["images"]) == 1
+    assert server["studio"].batcher.progress.interrupted and server["studio"].batcher.last_pass_steps < 50
+    assert requests.get(f"{url}/progress", auth=auth).json()["state"]["sampling_steps"] == 0  # nothing running
