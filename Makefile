@@ -16,7 +16,7 @@ LOCKED := PIP_CONSTRAINT=$(CURDIR)/$(LOCK) PIP_BUILD_CONSTRAINT=$(CURDIR)/$(LOCK
 # Unlocked installs must not inherit a constraint from the caller's environment.
 UNLOCKED := env -u PIP_CONSTRAINT -u PIP_BUILD_CONSTRAINT
 
-.PHONY: demo test test-latest lock bench install samples embedded embedded-sdxl clean
+.PHONY: demo test test-latest lock bench bench-gpu install samples embedded embedded-sdxl clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -88,6 +88,11 @@ lock:
 	rm -rf .venv-lock
 
 # Speed and memory against diffusers + PEFT, measured side by side (about 20 minutes on two cores):
+# The CUDA bench (tests/bench/gpu.py): ours against diffusers + PEFT on one GPU, bf16 and NF4, MFU; refuses without
+# CUDA. About 8 minutes on an H100/H200.
+bench-gpu: $(VENV)/.installed-test
+	$(PY) -m tests.bench.gpu --out bench-gpu.json
+
 # a table on stdout and bench-results.json. Not part of make test: timings belong here.
 bench: $(VENV)/.installed-test
 	$(PY) -m tests.bench.run --out bench-results.json

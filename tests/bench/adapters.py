@@ -19,7 +19,8 @@ def ours(unet, targets: str, names: list[str], std: float = 0.01):
         add_adapter(layers, name, AdapterConfig(rank=RANK, alpha=RANK, seed=i))
         with torch.no_grad():
             for layer in layers.values():
-                layer.adapters[name].up.add_(torch.randn(layer.adapters[name].up.shape, generator=gen) * std)
+                up = layer.adapters[name].up
+                up.add_((torch.randn(up.shape, generator=gen) * std).to(up.device, up.dtype))
     return layers, Mixer({"unet": unet})
 
 
@@ -36,5 +37,5 @@ def reference(unet, targets: str, names: list[str], std: float = 0.01):
             for module in unet.modules():
                 if hasattr(module, "lora_B") and name in module.lora_B:
                     w = module.lora_B[name].weight
-                    w.add_(torch.randn(w.shape, generator=gen) * std)
+                    w.add_((torch.randn(w.shape, generator=gen) * std).to(w.device, w.dtype))
     return unet
