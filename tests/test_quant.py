@@ -182,3 +182,36 @@ def test_auto_quant_trains_real_bases_in_nf4_and_tiny_ones_in_float(embedded):
     assert training_quant("auto", big) == "nf4"
     assert training_quant("auto", embedded.pipe.unet) == "none"
     assert training_quant("int8", embedded.pipe.unet) == "int8"  # an explicit choice is kept
+
+
+@pytest.mark.slow
+def test_sd15_text_encoder_in_nf4_is_under_5_bits_token_table_included():
+    """CLIP-L (SD1.5's text encoder config, random weights): NF4 on its linear layers and its 49408 x 768 token
+    table holds it in at most 5 bits per parameter over all its weights (it was 12.8 with the table in float).
+    Its output against float is reported and bounded, and beside it the error of NF4 on linear layers only."""
+    import copy
+
+    from tests.bench.common import sd15_text_encoder
+
+    float_te = sd15_text_encoder()
+    table = float_te.embeddings.token_embedding.weight.detach().clone()
+    n_params = sum(p.numel() for p in float_te.parameters())
+    ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = float_te(ids).last_hidden_state
+    linear_only = copy.deepcopy(float_te)
+    quantize_model(linear_only, "nf4", embeddings=False)
+    report = quantize_model(float_te, "nf4")
+    assert report.embedding == 1 and report.params == n_params
+    with torch.no_grad():
+        out = float_te(ids).last_hidden_state
+        out_linear = linear_only(ids).last_hidden_state
+    rel, rel_linear = (float((o - ref).norm() / ref.norm()) for o in (out, out_linear))
+    print(f"\nSD1.5 text encoder NF4 + token table: {report}; relative output error {rel:.4f} "
+          f"(linear layers only: {rel_linear:.4f})")
+    assert report.bits_per_param <= 5.0
+    assert rel < 2 * rel_linear + 0.05  # the 4-bit table adds NF4's row error, not a broken lookup
+    from sdlora.quant import float_state_dict
+
+    back = float_state_dict(float_te)["embeddings.token_embedding.weight"]  # what bake and export write
+    assert back.shape == (49408, 768) and float((back - table).norm() / table.norm()) < 0.12

@@ -14,11 +14,12 @@ from .memory import QuantReport, float_param_count, report, resident_bytes
 
 def quantize_model(model: nn.Module, mode: str = "nf4", *, double_quant: bool = True, convs: bool = True,
                    compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   min_features: int = 16) -> QuantReport:
-    """Replace the model's Linear layers (and with convs=True its Conv2d layers, in NF4) in place
-    (quant.layers.quantize_layers says how) and report the layers replaced and the bytes held."""
+                   min_features: int = 16, embeddings: bool = True) -> QuantReport:
+    """Replace the model's Linear layers (and with convs=True its Conv2d layers, in NF4; with embeddings=True
+    its token tables, in 4 bits) in place (quant.layers.quantize_layers says how) and report the layers
+    replaced and the bytes held."""
     counts = quantize_layers(model, mode, double_quant=double_quant, convs=convs, compute_dtype=compute_dtype,
-                             device=device, min_features=min_features)
+                             device=device, min_features=min_features, embeddings=embeddings)
     return report(model, *counts)
 
 

@@ -104,7 +104,25 @@ def bitsandbytes():
 
 def is_quantized(layer: nn.Module) -> bool:
     bnb = _bnb()
-    return isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, QuantConv2d))
+    return isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, QuantConv2d, bnb.nn.Embedding4bit))
+
+
+# Embedding tables of at least this many weights are quantized: a text encoder's token table (CLIP-L's
+# 49408 x 768 = 38M of its 123M parameters, which kept the encoder at 12.8 bits per parameter in float);
+# position tables (77 x 768) are too small to matter and stay float.
+MIN_EMBEDDING = 2**20
+
+
+def quantize_embedding(layer: nn.Embedding, mode: str, double_quant: bool = True,
+                       device: str | torch.device = "cpu") -> nn.Module | None:
+    """A token table in 4 bits (bitsandbytes' Embedding4bit: rows dequantized as they are looked up), or None
+    for int8 (bitsandbytes' 8-bit table keeps a float copy on the CPU; the table stays float)."""
+    if mode not in ("nf4", "fp4") or layer.padding_idx is not None or layer.max_norm is not None:
+        return None
+    bnb = _bnb()
+    q = bnb.nn.Embedding4bit(layer.num_embeddings, layer.embedding_dim, quant_type=mode)
+    q.weight = _params4bit(layer.weight, mode, double_quant)
+    return q.to(device)  # bitsandbytes quantizes here
 
 
 def quantize_linear(layer: nn.Linear, mode: str, double_quant: bool = True,
@@ -136,7 +154,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     if isinstance(layer, QuantConv2d):
         return layer.dequantize()
     bnb = _bnb()
-    if isinstance(layer, bnb.nn.Linear4bit):
+    if isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Embedding4bit)):
         return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return bnb.functional.int8_vectorwise_dequant(layer.weight.data, int8_row_scales(layer))
@@ -185,7 +203,7 @@ def float_state_dict(model: nn.Module, replace: dict[str, torch.Tensor] | None =
         if is_quantized(module):
             w = replace.get(name)
             out[prefix + "weight"] = (w if w is not None else dequantized_weight(module)).float().cpu()
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 out[prefix + "bias"] = module.bias.detach().float().cpu()
             return
         for pname, p in module.named_parameters(recurse=False):
@@ -202,7 +220,7 @@ def float_state_dict(model: nn.Module, replace: dict[str, torch.Tensor] | None =
 
 def quantize_layers(model: nn.Module, mode: str = "nf4", *, double_quant: bool = True, convs: bool = True,
                     compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    min_features: int = 16) -> tuple[int, int]:
+                    min_features: int = 16, embeddings: bool = True) -> tuple[int, int, int]:
     """Replace the model's Linear layers (and, with convs=True, the default as in Base.quantize, its
     Conv2d layers) in place. bitsandbytes has no int8 convolution: with mode int8 the convolutions are
     quantized in NF4, and a warning says so.
@@ -238,9 +256,18 @@ def quantize_layers(model: nn.Module, mode: str = "nf4", *, double_quant: bool =
             q = QuantConv2d(m, "nf4" if mode == "int8" else mode, double_quant, compute_dtype, device)
             n_conv += 1
         model.set_submodule(name, q)
+    n_emb = 0
+    if embeddings:
+        tables = [(name, m) for name, m in model.named_modules()
+                  if type(m) is nn.Embedding and m.weight.numel() >= MIN_EMBEDDING]
+        for name, m in tables:
+            q = quantize_embedding(m, mode, double_quant, device)
+            if q is not None:
+                model.set_submodule(name, q)
+                n_emb += 1
     for p in model.parameters():
         p.requires_grad_(False)
-    return n_lin, n_conv  # linear and conv layers replaced
+    return n_lin, n_conv, n_emb  # linear, conv and embedding layers replaced
 
 
 def quant_constant_bytes(module: nn.Module) -> int:

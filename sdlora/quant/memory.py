@@ -17,13 +17,14 @@ class QuantReport:
     conv: int
     params: int  # parameters of the whole model, counted as float weights
     resident_bytes: int  # bytes the model's tensors hold now, quantization constants included
+    embedding: int = 0  # token tables quantized
 
     @property
     def bits_per_param(self) -> float:
         return 8.0 * self.resident_bytes / self.params
 
     def __str__(self) -> str:
-        return (f"{self.linear} linear and {self.conv} conv layers quantized; {self.params:,} parameters in "
+        return (f"{self.linear} linear, {self.conv} conv and {self.embedding} embedding layers quantized; {self.params:,} parameters in "
                 f"{self.resident_bytes:,} bytes = {self.bits_per_param:.2f} bits per parameter")
 
 
@@ -46,10 +47,12 @@ def float_param_count(model: nn.Module) -> int:
             n += 0 if m.bias is None else m.bias.numel()
         elif hasattr(m, "in_features") and is_quantized(m):
             n += m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
+        elif hasattr(m, "num_embeddings") and is_quantized(m):
+            n += m.num_embeddings * m.embedding_dim
         else:
             n += sum(p.numel() for p in m.parameters(recurse=False))
     return n
 
 
-def report(model: nn.Module, linear: int, conv: int) -> QuantReport:
-    return QuantReport(linear, conv, float_param_count(model), resident_bytes(model))
+def report(model: nn.Module, linear: int, conv: int, embedding: int = 0) -> QuantReport:
+    return QuantReport(linear, conv, float_param_count(model), resident_bytes(model), embedding)

@@ -146,3 +146,22 @@ def sd15_text_encoder(seed: int = 0):
     config = CLIPTextConfig(**json.loads((CONFIGS / "sd15_text_encoder.json").read_text()))
     torch.manual_seed(seed)
     return CLIPTextModel(config).eval()
+
+
+def sdxl_text_encoder_2(seed: int = 0):
+    """SDXL's second text encoder (OpenCLIP ViT-bigG/14, 694 M parameters) from its published config, random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(**json.loads((CONFIGS / "sdxl_text_encoder_2.json").read_text()))
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def sd_vae(seed: int = 0):
+    """The SD1.5 / SDXL VAE architecture (AutoencoderKL, 84 M parameters) from its published config, random weights."""
+    from diffusers import AutoencoderKL
+
+    config = json.loads((CONFIGS / "sd_vae.json").read_text())
+    config.pop("_class_name")
+    torch.manual_seed(seed)
+    return AutoencoderKL(**config).eval()
