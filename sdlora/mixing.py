@@ -228,8 +228,8 @@ class Mixer:
                 finally:
                     reset_mix(token)
                     with torch.no_grad():
-                        for weight, original in saved:
-                            weight.data.copy_(original)  # the exact original bits, not W - delta
+                        for s in reversed(saved):
+                            s.restore()  # the exact original bits
         else:
             with self._lock.read():
                 token = set_mix(plan)
@@ -244,7 +244,11 @@ class Mixer:
         with self._lock.write():
             yield
 
-    def _fuse(self, mix: Mix) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _fuse(self, mix: Mix) -> list:
+        """Fuse the mix layer by layer; what restores each weight bit for bit (sdlora/fusing.py: no second
+        full copy of low-rank layers)."""
+        from .fusing import fuse_layer
+
         saved = []
         try:
             for layer in self.layers().values():
@@ -252,11 +256,9 @@ class Mixer:
                 weights = {n: w for n, w in weights.items() if w != 0.0}
                 if not weights:
                     continue
-                weight = layer.base_layer.weight
-                saved.append((weight, weight.data.clone()))
-                layer.add_delta_(weight.data, weights)
+                saved.append(fuse_layer(layer, weights))
         except BaseException:
-            for weight, original in saved:
-                weight.data.copy_(original)
+            for s in reversed(saved):
+                s.restore()
             raise
         return saved

@@ -9,7 +9,7 @@ from sdlora.adapters import AdapterConfig
 from sdlora.errors import SdloraError
 from sdlora.inject import add_adapter, wrap
 from sdlora.mixing import AdapterWeights, Mix, Mixer
-from tests.core_helpers import adapted, base_model, same_bits, snapshot
+from tests.core_helpers import adapted, base_model, randomize, same_bits, snapshot
 
 X = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
 XC = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -209,3 +209,46 @@ def test_fused_mode_leaves_the_callers_grad_mode_alone():
     model, _ = adapted("linear", None, {"a": "lora"})
     with Mixer({"unet": model}).apply(Mix({"a": 1.0}), mode="fused"):
         assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_fused_low_rank_layer_keeps_only_what_rounding_loses_and_restores_bit_for_bit(dtype):
+    from torch import nn
+
+    from sdlora.adapters import AdapterConfig
+    from sdlora.fusing import fuse_layer
+    from sdlora.inject import add_adapter, wrap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512)).to(dtype)
+    with torch.no_grad():
+        model[0].weight[0, :8] = 0.0
+        model[0].weight[0, 8:16] = -0.0  # signed zeros must come back with their sign
+    layers = wrap(model, ["0"], "unet")
+    for i, name in enumerate(("a", "b")):
+        add_adapter(layers, name, AdapterConfig(rank=8, alpha=8, seed=i))
+        randomize(layers, name, seed=10 + i, std=0.002)
+    layer = layers["0"]
+    weight = layer.base_layer.weight
+    before = weight.detach().clone()
+    with torch.no_grad():
+        saved = fuse_layer(layer, {"a": 0.8, "b": -0.4})
+        assert not torch.equal(weight, before)  # fused for real
+        full = before.numel() * before.element_size()
+        assert saved.full is None and saved.nbytes() < 0.5 * full, (saved.nbytes(), full)
+        saved.restore()
+    assert torch.equal(weight.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       before.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+def test_a_dora_layer_keeps_a_full_copy_and_restores_it():
+    from sdlora.fusing import fuse_layer
+
+    model, layers = adapted("linear", None, {"d": "dora"})
+    before = snapshot(model)
+    with torch.no_grad():
+        saved = [fuse_layer(layer, {"d": 1.0}) for layer in layers.values()]
+        assert all(s.full is not None for s in saved)
+        for s in reversed(saved):
+            s.restore()
+    assert same_bits(snapshot(model), before)

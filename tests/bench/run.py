@@ -33,6 +33,9 @@ def main(argv=None) -> int:
         from . import memory
 
         rows += memory.run(where, sdxl=not args.quick)
+        from . import fused_memory
+
+        rows += fused_memory.run(where)
         print(f"[memory done at {time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
     if "train" in sections:
         from . import train_step
