@@ -23,6 +23,10 @@ from .errors import SdloraError
 from .generate import Generated, GenerateSettings, Item, generate_items
 
 
+class QueueFull(SdloraError):
+    """More requests wait than the server queues (an HTTP face answers 503)."""
+
+
 def batch_key(settings: GenerateSettings, items: list[Item]) -> tuple:
     """What pictures of one pass must share. Whether a negative prompt is given is part of it: SDXL zeroes
     the unconditional embedding when none is, which one pass cannot do for some pictures only."""
@@ -76,8 +80,8 @@ class Batcher:
         job = _Job(settings, list(items), batch_key(settings, items), time.monotonic())
         with self._cond:
             if len(self._pending) >= self.max_queue:
-                raise SdloraError(f"{len(self._pending)} requests are waiting, the most this server queues",
-                                  "try again shortly")
+                raise QueueFull(f"{len(self._pending)} requests are waiting, the most this server queues",
+                                "try again shortly")
             self._pending.append(job)
             self.progress.job_count = len(self._pending)
             self._cond.notify_all()

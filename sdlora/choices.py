@@ -15,3 +15,4 @@ LR_SCHEDULES = ("constant", "cosine")  # both after the warm-up
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts: the noise, or the velocity v
 FILE_FORMATS = ("sdlora", "kohya", "diffusers")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")  # sdlora/training/timesteps.py

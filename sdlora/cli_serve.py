@@ -20,7 +20,8 @@ def _studio(args):
     if args.quant != "none":
         base.quantize(args.quant)
     return Studio(base, AdapterLibrary(args.library), args.outputs, getattr(args, "data_root", None),
-                  base_spec=args.base, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch)
+                  base_spec=args.base, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
+                  max_queue=args.max_queue)
 
 
 def _extra_hosts(args) -> tuple[str, ...]:
@@ -101,6 +102,8 @@ def _common_flags(p: argparse.ArgumentParser, port: int) -> None:
                    help="how long a request waits for others sharing its size, steps, sampler and guidance, to run "
                         "in one pass with a mix per picture (default 50)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="most pictures in one pass (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="most requests waiting; beyond it the API answers 503 and the page says so (default 64)")
     add_base_flags(p)
 
 

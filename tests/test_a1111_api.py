@@ -179,3 +179,20 @@ def test_interrupt_stops_the_running_pass_and_progress_shows_it(server):
     assert answer["r"].status_code == 200 and len(answer["r"].json()["images"]) == 1
     assert server["studio"].batcher.progress.interrupted and server["studio"].batcher.last_pass_steps < 50
     assert requests.get(f"{url}/progress", auth=auth).json()["state"]["sampling_steps"] == 0  # nothing running
+
+
+def test_a_full_queue_is_a_503_and_the_waiting_request_still_gets_its_picture(embedded):
+    from sdlora.batching import Batcher, QueueFull
+    from sdlora.generate import GenerateSettings, Item
+
+    batcher = Batcher(embedded, window_ms=1000, max_batch=8, max_queue=1)
+    settings = GenerateSettings(prompts=("a red circle",), steps=1)
+    got = {}
+    first = threading.Thread(target=lambda: got.setdefault("r", batcher.submit(settings, [Item("a red circle", "", 1)])))
+    first.start()
+    while not batcher._pending:  # the first request waits out its window
+        threading.Event().wait(0.01)
+    with pytest.raises(QueueFull):
+        batcher.submit(settings, [Item("a blue square", "", 2)])
+    first.join(60)
+    assert len(got["r"]) == 1 and got["r"][0].seed == 1

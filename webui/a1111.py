@@ -176,10 +176,14 @@ def txt2img(studio: Studio, req: Txt2Img) -> dict:
     seed = random.randrange(2**32) if req.seed == -1 else req.seed
     if seed < 0:
         raise _Refused("seed", "seed must be -1 (random) or 0 and up", req.seed)
+    from sdlora.batching import QueueFull
+
     try:
         results, described = studio.pictures(req.prompt, [], negative=req.negative_prompt, seed=seed, steps=req.steps,
                                               guidance=req.cfg_scale, width=req.width, height=req.height, num=count,
                                               scheduler=scheduler)
+    except QueueFull:
+        raise
     except SdloraError as err:
         field = "negative_prompt" if "negative" in str(err) else "cfg_scale" if "guidance" in str(err) else "prompt"
         raise _Refused(field, str(err), None) from None
@@ -238,10 +242,14 @@ def router(studio: Studio, api_auth: str | None = None) -> APIRouter:
 
     @api.post("/txt2img")
     def post_txt2img(req: Txt2Img):
+        from sdlora.batching import QueueFull
+
         try:
             return txt2img(studio, req)
         except _Refused as err:
             return unprocessable(err.field, err.message, err.value)
+        except QueueFull as err:
+            return JSONResponse({"detail": str(err)}, status_code=503, headers={"Retry-After": "5"})
 
     @api.post("/img2img")
     def post_img2img():

@@ -10,8 +10,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..choices import (LR_SCHEDULES, MIXED_PRECISION, OPTIMIZERS, PREDICTION_TYPES, TRAIN_METHODS, TRAIN_QUANT,
-                       UNET_PRESETS)
+from ..choices import (LR_SCHEDULES, MIXED_PRECISION, OPTIMIZERS, PREDICTION_TYPES, TIMESTEP_SAMPLINGS, TRAIN_METHODS,
+                       TRAIN_QUANT, UNET_PRESETS)
 from ..errors import SdloraError
 
 
@@ -77,11 +77,21 @@ class TrainConfig:
     repeats: int = _opt(1, "times each picture appears per epoch")
     min_snr_gamma: float | None = _opt(5.0, "min-SNR weighting gamma")
     noise_offset: float = _opt(0.1, "noise offset (a per-channel constant added to the noise)")
+    timestep_sampling: str = _opt("uniform", "how noise levels are drawn: uniform, or logit_normal (most weight on "
+                                             "the middle levels)", choices=TIMESTEP_SAMPLINGS)
+    logit_mean: float = _opt(0.0, "logit_normal's mean (negative: cleaner levels, positive: noisier)")
+    logit_std: float = _opt(1.0, "logit_normal's spread")
+    timestep_shift: float = _opt(1.0, "shift drawn levels as SD3 does, u -> s u / (1 + (s - 1) u): above 1 noisier, "
+                                      "below 1 cleaner")
+    min_timestep: int = _opt(0, "lowest timestep drawn")
+    max_timestep: int | None = _opt(None, "highest timestep drawn (default: the schedule's last)", show_default=False)
     prediction_type: str | None = _opt(None, "what the UNet learns to predict (default: what the base's scheduler "
                                              "says)", choices=PREDICTION_TYPES, show_default=False)
     zero_terminal_snr: bool = _opt(False, "rescale the betas to zero terminal SNR (Lin et al. 2024; use with "
                                           "v_prediction, as NoobAI v-pred and SD2-768 fine-tunes do)")
     mixed_precision: str = _opt("no", "autocast the forward pass; trained weights stay fp32", choices=MIXED_PRECISION)
+    masked_loss: bool = _opt(True, "learn only where a picture's mask is white: NAME.mask.png beside it, or its alpha "
+                                   "channel (pictures without one learn everywhere)")
     skip_bad_images: bool = _opt(False, "skip unreadable pictures and missing captions")
     optimizer: str = _opt("adamw", "8-bit and paged AdamW come from bitsandbytes (paged needs CUDA; a warning "
                                    "says what runs)", choices=OPTIMIZERS)
@@ -120,6 +130,13 @@ class TrainConfig:
             (0 <= self.validation_split < 1, "validation_split", "in [0, 1)"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "at least 1"),
             (self.noise_offset >= 0, "noise_offset", "0 or more"),
+            (self.timestep_sampling in TIMESTEP_SAMPLINGS, "timestep_sampling", " or ".join(TIMESTEP_SAMPLINGS)),
+            (math.isfinite(self.logit_mean), "logit_mean", "a finite number"),
+            (math.isfinite(self.logit_std) and self.logit_std > 0, "logit_std", "a positive number"),
+            (math.isfinite(self.timestep_shift) and self.timestep_shift > 0, "timestep_shift", "a positive number"),
+            (self.min_timestep >= 0, "min_timestep", "0 or more"),
+            (self.max_timestep is None or self.max_timestep >= self.min_timestep, "max_timestep",
+             "at least min_timestep"),
             (self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "positive (or unset)"),
             (self.mixed_precision in MIXED_PRECISION, "mixed_precision", " or ".join(MIXED_PRECISION)),
             (self.prediction_type in (None, *PREDICTION_TYPES), "prediction_type", " or ".join(PREDICTION_TYPES)),

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import SdloraError
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, is_mask_file
 
 MAX_PIXELS = 40_000_000  # larger pictures are refused: decompression bombs, or a mistake
 MAX_FILE_BYTES = 200 * 1024 * 1024
@@ -61,7 +61,8 @@ def scan(root: str | Path, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_FI
     if not root.is_dir():
         raise SdloraError(f"no dataset folder at {root}", "pass a folder of pictures with same-name .txt captions")
     items, problems = [], []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    pictures = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not is_mask_file(p))
+    for path in sorted(pictures):  # NAME.mask.png files are masks of NAME's picture, not pictures
         size, reason = check_image(path, max_pixels, max_bytes)
         if reason:
             problems.append(Problem(path, reason))

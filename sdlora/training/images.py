@@ -38,3 +38,33 @@ def load_rgb(path: str | Path) -> Image.Image:
     with Image.open(path) as img:
         img.load()
         return to_rgb(img)
+
+
+def mask_path(image: Path) -> Path:
+    """Where a picture's loss mask may sit: NAME.mask.png beside NAME.png (white = learn, black = ignore)."""
+    return Path(image).with_name(f"{Path(image).stem}.mask.png")
+
+
+def is_mask_file(path: Path) -> bool:
+    return Path(path).stem.lower().endswith(".mask")
+
+
+def load_mask(image: Path) -> Image.Image | None:
+    """The picture's loss mask as 8-bit grey, oriented as the picture: NAME.mask.png if there is one, else the
+    picture's own alpha channel (transparent = ignore), else None (learn everywhere)."""
+    side = mask_path(image)
+    if side.is_file():
+        with Image.open(image) as img:
+            size = ImageOps.exif_transpose(img).size
+        with Image.open(side) as m:
+            m.load()
+            mask = m.convert("L")
+        return mask if mask.size == size else mask.resize(size, Image.BILINEAR)
+    with Image.open(image) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+            return img.getchannel("A")
+    return None

@@ -33,6 +33,23 @@ def training_buckets(cfg, base) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
+def cache_masks(items, buckets, scale: int, flip: bool) -> list[tuple[torch.Tensor, ...] | None]:
+    """Per picture: None (no mask: learn everywhere), or its loss mask at latent size, (1, h, w) in [0, 1], fitted
+    to its bucket as the picture is and box-averaged down by the VAE's factor `scale`; with flip, also mirrored."""
+    from .images import load_mask
+
+    out = []
+    for item, bucket in zip(items, buckets):
+        mask = load_mask(item.image)
+        if mask is None:
+            out.append(None)
+            continue
+        small = fit_to_bucket(mask, bucket).resize((bucket[0] // scale, bucket[1] // scale), Image.BOX)
+        m = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)[None]  # (1, h, w)
+        out.append((m, m.flip(-1)) if flip else (m,))
+    return out
+
+
 def cache_latents(pipe, items, buckets, flip: bool) -> list[tuple[torch.Tensor, ...]]:
     """Per picture: the VAE posterior's mean and std, (C, h, w) each, encoded once; with flip, also those
     of the mirrored picture."""

@@ -31,10 +31,11 @@ from .resume import check_resumable, clear_temporaries, history, usable_checkpoi
 from .config import TrainConfig
 from .data import BucketSampler, nearest_bucket, preflight, process_caption, sdxl_time_ids
 from .distributed import local_rows, sum_gradients, sum_over_processes
-from .latents import cache_latents, training_buckets
+from .latents import cache_latents, cache_masks, training_buckets
 from .logs import TrainLog
 from .loss import noise_like, training_loss
 from .text_cache import TextEmbeddings, unet_conditioning
+from .timesteps import sample_timesteps
 from .validation import holdout_indices, validation_grid, validation_loss
 
 
@@ -127,6 +128,7 @@ class _Run:
     loss_rows: list = field(default_factory=list)  # [step, epoch, loss, lr] per step, as loss.csv shows them
     resume_from: tuple | None = None  # (path, tensors, state) of the checkpoint --resume continues
     log: object = None
+    masks: list | None = None  # per picture None or its loss mask (1, h, w) [, mirrored]; None: no picture has one
 
     @property
     def main(self) -> bool:
@@ -179,6 +181,10 @@ def _setup(cfg: TrainConfig, say=lambda msg: None) -> _Run:
     item_buckets = [nearest_bucket(item.size, buckets) for item in items]
     say(f"encoding {len(items)} pictures into latents once ({len(set(item_buckets))} bucket sizes)")
     latents_cache = cache_latents(pipe, items, item_buckets, cfg.flip)
+    masks = cache_masks(items, item_buckets, pipe.vae_scale_factor, cfg.flip) if cfg.masked_loss else []
+    if any(m is not None for m in masks):
+        say(f"{sum(m is not None for m in masks)} pictures have a loss mask (alpha or NAME.mask.png): only their "
+            "white parts are learned")
     train_items = sorted(set(range(len(items))) - set(held_out))
     sampler = BucketSampler([item_buckets[i] for i in train_items], cfg.batch_size, cfg.seed, cfg.repeats)
     texts = TextEmbeddings(pipe, trainable=bool(encoder_lrs), device=accelerator.device)
@@ -203,7 +209,8 @@ def _setup(cfg: TrainConfig, say=lambda msg: None) -> _Run:
     return _Run(cfg, out_dir, ckpt_dir, accelerator, precision, base, items, held_out, train_items, latents_cache,
                 sampler, texts, optimizer, schedule, noise_scheduler, float(pipe.vae.config.scaling_factor),
                 torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed), Mix({cfg.name: 1.0}), trained, ema,
-                time_ids=time_ids, resume_from=resume_from)
+                time_ids=time_ids, resume_from=resume_from,
+                masks=masks if any(m is not None for m in masks) else None)
 
 
 def _encoder_lrs(cfg: TrainConfig, base) -> dict[str, float]:
@@ -268,17 +275,22 @@ def _batch_loss(run: _Run, batch: list[int]) -> float:
     std = torch.stack([run.latents_cache[i][2 * f + 1] for i, f in zip(batch, flips)])
     latents = (mean + std * torch.randn(mean.shape, generator=run.gen)) * run.scaling
     noise = noise_like(latents, run.gen, cfg.noise_offset)
-    t = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (len(batch),), generator=run.gen)
+    t = sample_timesteps(len(batch), run.noise_scheduler.config.num_train_timesteps, run.gen, cfg.timestep_sampling,
+                         cfg.logit_mean, cfg.logit_std, cfg.timestep_shift, cfg.min_timestep, cfg.max_timestep)
     mine = local_rows(len(batch), rank, world)
     time_ids = torch.stack([run.time_ids[i][f] for i, f in zip(batch, flips)])[mine] if run.time_ids else None  # (B, 6)
     latents, noise, t = latents[mine].to(accelerator.device), noise[mine].to(accelerator.device), t[mine]
+    mask = None
+    if run.masks:  # (B, 1, h, w): a picture without a mask learns everywhere
+        mask = torch.stack([run.masks[i][f] if run.masks[i] is not None else torch.ones_like(latents[0, :1]).cpu()
+                            for i, f in zip(batch, flips)])[mine].to(accelerator.device)
     share = torch.zeros((), device=accelerator.device)  # stays 0 on a process with no rows
     if len(t):
         with accelerator.autocast(), run.base.mixer.apply(run.mix, mode="unfused"):
             cond = unet_conditioning(*run.texts(captions[mine]), time_ids)
             # This process's share of the batch mean: summed over processes it is the mean.
             share = training_loss(run.base.pipe.unet, run.noise_scheduler, latents, noise, t.to(latents.device), cond,
-                                  cfg.min_snr_gamma) * len(t) / len(batch)
+                                  cfg.min_snr_gamma, mask) * len(t) / len(batch)
             accelerator.backward(share / cfg.grad_accum)
     return sum_over_processes(share.detach(), accelerator).item()
 

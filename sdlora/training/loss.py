@@ -39,16 +39,26 @@ def loss_weights(scheduler, timesteps: torch.Tensor, gamma: float | None) -> tor
     return torch.where(denom > 0, torch.clamp(snr, max=gamma) / denom.clamp(min=1e-20), torch.zeros_like(snr))
 
 
-def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of weight x per-sample MSE; computed in fp32 whatever the model ran in."""
-    per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.dim())))  # (B,)
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of weight x per-sample MSE; computed in fp32 whatever the model ran in. mask
+    (B, 1, h, w) in [0, 1]: each sample's MSE is over its masked latents only (kohya's masked loss: the mean of
+    mask x error over the mask's area), so what lies outside gives no gradient."""
+    err = (pred.float() - target.float()).pow(2)
+    dims = tuple(range(1, pred.dim()))
+    if mask is None:
+        per_sample = err.mean(dim=dims)  # (B,)
+    else:
+        m = mask.to(err.device, err.dtype)
+        per_sample = (err * m).sum(dim=dims) / (m.sum(dim=dims) * err.shape[1]).clamp_min(1e-8)
     return (weights.to(per_sample.device) * per_sample).mean()
 
 
 def training_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: dict,
-                  gamma: float | None) -> torch.Tensor:
+                  gamma: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One batch's objective: latents (B, C, h, w) noised to `timesteps` (B,), the UNet's prediction under
     `cond` (text_cache.unet_conditioning) against the base's target, min-SNR weighted."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, **cond).sample
-    return diffusion_loss(pred, target_for(scheduler, latents, noise, timesteps), loss_weights(scheduler, timesteps, gamma))
+    return diffusion_loss(pred, target_for(scheduler, latents, noise, timesteps), loss_weights(scheduler, timesteps, gamma),
+                          mask)
