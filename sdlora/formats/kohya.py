@@ -112,6 +112,9 @@ def to_state_dict(af: AdapterFile, table: dict[str, str], family: str | None, ti
         metadata["modelspec.prediction_type"] = "v"
     if af.training.get("zero_terminal_snr"):
         metadata["ss_zero_terminal_snr"] = "True"
+    from .a1111_meta import a1111_metadata
+
+    metadata.update(a1111_metadata(tensors, metadata, af.training or {}))  # last: the hashes cover the ss_* keys
     return tensors, metadata
 
 

@@ -36,6 +36,7 @@ from .logs import TrainLog
 from .loss import noise_like, training_loss
 from .text_cache import TextEmbeddings, unet_conditioning
 from .timesteps import sample_timesteps
+from .card import card
 from .validation import holdout_indices, validation_grid, validation_loss
 
 
@@ -353,7 +354,8 @@ def _finish(run: _Run, t0: float) -> TrainResult:
                "seconds": round(time.time() - t0, 1),
                # what the adapter was trained to predict, on which schedule: generation and bake read them
                "prediction_type": run.noise_scheduler.config.prediction_type,
-               "zero_terminal_snr": bool(run.noise_scheduler.config.get("rescale_betas_zero_snr", False))}
+               "zero_terminal_snr": bool(run.noise_scheduler.config.get("rescale_betas_zero_snr", False)),
+               **card(run.cfg, run.items, run.train_items, run.base.native_size, run.out_dir)}
     path = run.out_dir / f"{cfg.name}.safetensors"
     if run.main:
         save_adapter(run.base, cfg.name, path, "sdlora", trigger_words=[cfg.trigger] if cfg.trigger else [],
