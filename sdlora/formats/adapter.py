@@ -120,7 +120,7 @@ def validate(af: AdapterFile, path: str, allow_empty: bool = False) -> None:
                               "re-export the adapter")
 
 
-PATH_FIELDS = ("data_dir", "out_dir", "base")
+PATH_FIELDS = ("data_dir", "out_dir", "base", "validation_prompt_file")
 
 
 def public_training(training: dict) -> dict:

@@ -98,8 +98,11 @@ class TrainConfig:
     lr_schedule: str = _opt("constant", "learning-rate schedule after the warm-up", choices=LR_SCHEDULES)
     ema_decay: float | None = _opt(None, "write the adapter's exponential moving average, e.g. 0.999")
     validation_prompts: tuple[str, ...] = _opt((), "repeatable; OUT_DIR/samples/step-N.png shows each without and "
-                                                   "with the adapter", flag="--validation-prompt", metavar="PROMPT",
-                                               show_default=False)
+                                                   "with the adapter; kohya's options may follow it (--n negative, "
+                                                   "--w/--h size, --d seed, --s steps, --l guidance, --ss sampler)",
+                                               flag="--validation-prompt", metavar="PROMPT", show_default=False)
+    validation_prompt_file: str | None = _opt(None, "a kohya prompt file: one validation prompt per line, with the "
+                                                    "same options", metavar="FILE", show_default=False)
     validation_split: float = _opt(0.1, "share of pictures held out for logs/val_loss.csv (floor; 0: none)")
     validate_every: int = _opt(0, "validation loss and pictures every N steps (0: only at the end)", metavar="N")
     validation_seeds: int = _opt(2, "pictures per validation prompt")

@@ -37,7 +37,7 @@ from .loss import noise_like, training_loss
 from .text_cache import TextEmbeddings, unet_conditioning
 from .timesteps import sample_timesteps
 from .card import card
-from .validation import holdout_indices, validation_grid, validation_loss
+from .validation import holdout_indices, validation_grid, validation_loss, with_prompt_file
 
 
 @dataclass
@@ -184,8 +184,7 @@ def _setup(cfg: TrainConfig, say=lambda msg: None) -> _Run:
     latents_cache = cache_latents(pipe, items, item_buckets, cfg.flip)
     masks = cache_masks(items, item_buckets, pipe.vae_scale_factor, cfg.flip) if cfg.masked_loss else []
     if any(m is not None for m in masks):
-        say(f"{sum(m is not None for m in masks)} pictures have a loss mask (alpha or NAME.mask.png): only their "
-            "white parts are learned")
+        say(f"{sum(m is not None for m in masks)} pictures have a loss mask (alpha or NAME.mask.png): white is learned")
     train_items = sorted(set(range(len(items))) - set(held_out))
     sampler = BucketSampler([item_buckets[i] for i in train_items], cfg.batch_size, cfg.seed, cfg.repeats)
     texts = TextEmbeddings(pipe, trainable=bool(encoder_lrs), device=accelerator.device)
@@ -371,6 +370,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
     from tqdm.auto import tqdm
 
     t0 = time.time()
+    cfg = with_prompt_file(cfg)  # every validation prompt checked before the long part
     run = _setup(cfg, say=(lambda msg: print(f"train: {msg}", file=sys.stderr, flush=True)) if progress else
                  (lambda msg: None))
     if cfg.resume:

@@ -26,7 +26,7 @@ from .checkpoint import MARKER, load_checkpoint
 
 # Settings a resumed run may give anew: the run's length and what it logs, checks and keeps; the data folder's
 # path (a moved folder is fine: its pictures are compared by name and size).
-MAY_CHANGE = {"out_dir", "data_dir", "steps", "resume", "gradient_checkpointing", "validation_prompts", "validate_every",
+MAY_CHANGE = {"out_dir", "data_dir", "steps", "resume", "gradient_checkpointing", "validation_prompts", "validation_prompt_file", "validate_every",
               "validation_seeds", "checkpoint_every", "keep_checkpoints", "skip_bad_images", "name"}
 
 
