@@ -64,14 +64,12 @@ def fuse_layer(layer, weights: dict[str, float]) -> Saved:
     layer.add_delta_(w, weights)
     try:
         d = _delta(layer, weights, w)
-        missed = (_bits(w - d) != original_bits).view(-1)
+        index = (_bits(w - d) != original_bits).view(-1).nonzero().squeeze(1)  # where rounding lost W
         del d
     except BaseException:  # e.g. out of memory: this layer goes back before the caller restores the others
         _bits(w).copy_(original_bits)
         raise
-    count = int(missed.sum())
-    if 2 * count > missed.numel():
+    if 2 * index.numel() > w.numel():
         return Saved(weight, full=original_bits.view(w.dtype))
-    index = missed.nonzero().squeeze(1)
     values = original_bits.view(-1)[index].view(w.dtype).clone()
     return Saved(weight, layer=layer, weights=dict(weights), index=index.to(torch.int32), values=values)
