@@ -36,7 +36,9 @@ def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     """(sshs_model_hash, sshs_legacy_hash) as kohya's precalculate_safetensors_hashes computes them."""
     from safetensors.torch import save
 
-    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    # as formats/io.write_safetensors hands them to safetensors, so the hash is of the bytes the file holds
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                {k: v for k, v in metadata.items() if k.startswith("ss_")})
     legacy = hashlib.sha256(data[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
     return hashlib.sha256(_after_header(data)).hexdigest(), legacy
 
@@ -46,7 +48,7 @@ def modelspec_hash(tensors: dict[str, torch.Tensor]) -> str:
 
     h = hashlib.sha256()
     for key in sorted(tensors):
-        h.update(_after_header(save({"tensor": tensors[key].contiguous()})))
+        h.update(_after_header(save({"tensor": tensors[key].detach().contiguous().cpu()})))
     return f"0x{h.hexdigest()}"
 
 
