@@ -114,7 +114,7 @@ class Item:
 
 
 def _call_pipeline(base: Base, settings: GenerateSettings, items: list[Item], width: int, height: int, on_step,
-                   mix=None, mode: str = "auto", should_stop=None):
+                   mix=None, should_stop=None):
     """One batch: a picture per item (its prompt, negative prompt and seed; settings' size, steps, sampler and
     guidance shared). `mix` is a Mix for every picture or a list with one per item. A fresh pipeline object
     around the shared modules carries its own scheduler, so concurrent calls do not share scheduler state.
@@ -130,7 +130,7 @@ def _call_pipeline(base: Base, settings: GenerateSettings, items: list[Item], wi
     shape = (len(items), pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     latents = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(device, pipe.unet.dtype)
     negatives = [item.negative for item in items]
-    with base.mixer.apply(mix, mode=mode) as plan:
+    with base.mixer.apply(mix) as plan:
         def step_end(p, i, t, kw):
             plan.step = i + 1  # step ranges of the mix count denoising steps from 0
             on_step()

@@ -23,14 +23,11 @@ def server(tmp_path_factory):
     from sdlora.library import AdapterLibrary
     from sdlora.pipelines import load_base
     from sdlora.studio import Studio
-    from tests.test_webui import _free_port, _make_adapter
+    from tests.test_webui import _free_port, two_adapter_library
     from webui.a1111 import ApiServer
 
     root = tmp_path_factory.mktemp("api")
-    maker = load_base("embedded")
-    for seed, name in ((1, "style-a"), (2, "style-b")):
-        _make_adapter(maker, root / "library" / f"{name}.safetensors", seed, name.replace("-", ""))
-    studio = Studio(load_base("embedded"), AdapterLibrary(root / "library"), root / "outputs",
+    studio = Studio(load_base("embedded"), AdapterLibrary(two_adapter_library(root)), root / "outputs",
                     batch_window_ms=200, max_batch=8)
     srv = ApiServer(studio, port=_free_port(), api_auth=f"{USER}:{PASSWORD}")
     yield {"studio": studio, "url": srv.url, "root": root,

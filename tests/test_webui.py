@@ -33,6 +33,16 @@ def _make_adapter(base, path: Path, seed: int, trigger: str):
     return save_adapter(base, path.stem, path, "sdlora", trigger_words=[trigger])
 
 
+def two_adapter_library(root: Path) -> Path:
+    """root/library with style-a and style-b: random rank-4 attention adapters (UNet and text encoder)."""
+    from sdlora.pipelines import load_base
+
+    maker = load_base("embedded")
+    for seed, name in ((1, "style-a"), (2, "style-b")):
+        _make_adapter(maker, root / "library" / f"{name}.safetensors", seed, name.replace("-", ""))
+    return root / "library"
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A running page over its own embedded base, a library of two adapters and a data root."""
@@ -44,9 +54,7 @@ def site(tmp_path_factory):
     from webui.app import serve
 
     root = tmp_path_factory.mktemp("site")
-    maker = load_base("embedded")
-    for seed, name in ((1, "style-a"), (2, "style-b")):
-        _make_adapter(maker, root / "library" / f"{name}.safetensors", seed, name.replace("-", ""))
+    two_adapter_library(root)
     data = root / "data" / "dots"
     data.mkdir(parents=True)
     styles = Path(__file__).resolve().parents[1] / "samples" / "styles" / "dots"
