@@ -11,33 +11,25 @@ import math
 import random
 import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..adapter_io import save_adapter
-from ..adapters import AdapterConfig
-from ..adapters.optim import param_groups
 from ..errors import SdloraError
-from ..inject import adapter_layers
-from ..mixing import Mix
-from ..pipelines import load_base, training_scheduler
-from .quant_auto import training_quant
-from .optimizers import make_optimizer
-from .checkpoint import latest_checkpoint, restore_optimizer, restore_rngs, save_checkpoint
-from .resume import check_resumable, clear_temporaries, history, usable_checkpoint
+from .card import card
+from .checkpoint import restore_optimizer, restore_rngs, save_checkpoint
 from .config import TrainConfig
-from .data import BucketSampler, nearest_bucket, preflight, process_caption, sdxl_time_ids
+from .data import process_caption
 from .distributed import local_rows, sum_gradients, sum_over_processes
-from .latents import cache_latents, cache_masks, training_buckets
 from .logs import TrainLog
 from .loss import noise_like, training_loss
-from .text_cache import TextEmbeddings, unet_conditioning
+from .resume import history
+from .setup import Run, enable_unet_checkpointing, lr_factor, setup_run  # noqa: F401 (re-exported: tests, bench)
+from .text_cache import unet_conditioning
 from .timesteps import sample_timesteps
-from .card import card
-from .validation import holdout_indices, validation_grid, validation_loss, with_prompt_file
+from .validation import validation_grid, validation_loss, with_prompt_file
 
 
 @dataclass
@@ -47,186 +39,7 @@ class TrainResult:
     seconds: float
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over warmup_steps, then constant or a cosine decay to zero at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
-
-
-def _check_out_dir(cfg: TrainConfig, out_dir: Path, ckpt_dir: Path) -> None:
-    """Before any work: a resume needs a checkpoint; a new run must not mix with an earlier one's
-    checkpoints (pruning would keep those, and --resume would pick them) nor overwrite its adapter."""
-    for parent in (out_dir, *out_dir.parents):  # before any work: a file where the run's folder must be
-        if parent.exists():
-            if not parent.is_dir():
-                raise SdloraError(f"--out {out_dir}: {parent} is a file where a folder is needed", "pass another --out")
-            break
-    clear_temporaries(ckpt_dir)  # what killed checkpoint writes left behind
-    if cfg.resume:
-        if latest_checkpoint(ckpt_dir) is None:
-            raise SdloraError(f"--resume: no complete checkpoint in {ckpt_dir}", "train without --resume")
-        return
-    earlier = sorted(p.name for p in ckpt_dir.glob("step-*")) if ckpt_dir.is_dir() else []
-    adapter = out_dir / f"{cfg.name}.safetensors"
-    if earlier or adapter.exists():
-        found = f"checkpoints ({earlier[-1]})" if earlier else adapter.name
-        raise SdloraError(f"{out_dir} already holds an earlier run's {found}",
-                          "pass --resume to continue it, or choose a new --out folder")
-
-
-def enable_unet_checkpointing(unet) -> None:
-    """Gradient checkpointing that recomputes each block under the mix its forward ran with.
-
-    The mix reaches the layers through a ContextVar; autograd may run the recomputation in another
-    thread (CUDA's backward threads) where that variable is unset, so each checkpointed call runs
-    in a copy of the context taken at forward time."""
-    import contextvars
-
-    from torch.utils.checkpoint import checkpoint
-
-    def checkpoint_in_context(module, *args):
-        return checkpoint(contextvars.copy_context().run, module.__call__, *args, use_reentrant=False)
-
-    unet.enable_gradient_checkpointing(checkpoint_in_context)
-
-
-@dataclass
-class _Run:
-    """Everything one training run holds between its steps (set up once, then advanced step by step)."""
-
-    cfg: TrainConfig
-    out_dir: Path
-    ckpt_dir: Path
-    accelerator: object
-    precision: str
-    base: object
-    items: list
-    held_out: list[int]
-    train_items: list[int]
-    latents_cache: list
-    sampler: BucketSampler
-    texts: TextEmbeddings
-    optimizer: object
-    schedule: object
-    noise_scheduler: object
-    scaling: float
-    gen: torch.Generator
-    rng: random.Random
-    mix: Mix
-    trained: dict  # "role/module.param" -> the adapter's trainable parameters
-    ema: dict  # the same keys -> their exponential moving average (empty without ema_decay)
-    losses: list = field(default_factory=list)
-    val_losses: list = field(default_factory=list)
-    step: int = 0
-    epoch: int = 0
-    batch_index: int = 0
-    time_ids: list | None = None  # SDXL: per picture (6,), from its size and bucket; None for SD1/SD2
-    held_out_cond: object = None  # the held-out captions' (hidden, pooled)
-    loss_rows: list = field(default_factory=list)  # [step, epoch, loss, lr] per step, as loss.csv shows them
-    resume_from: tuple | None = None  # (path, tensors, state) of the checkpoint --resume continues
-    log: object = None
-    masks: list | None = None  # per picture None or its loss mask (1, h, w) [, mirrored]; None: no picture has one
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-
-def _accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps its settings in a process-wide singleton: a second run in one process (the web UI,
-    # tests) with another precision would be refused, so that part is cleared; the process group stays.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    # Gradient accumulation and the schedule are handled here, step by optimizer step, not by accelerate.
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    precision = cfg.mixed_precision if accelerator.native_amp else "no"
-    if precision != cfg.mixed_precision:  # accelerate has no fp16 autocast on the CPU
-        warnings.warn(f"mixed precision {cfg.mixed_precision} is not supported on {accelerator.device.type}; "
-                      "training runs in fp32 (bf16 is)", UserWarning, stacklevel=4)
-    return accelerator, precision
-
-
-def _setup(cfg: TrainConfig, say=lambda msg: None) -> _Run:
-    """Check the output folder, scan the data, load and quantize the base, add the adapter, cache the
-    latents and build the optimizer: everything before the first step."""
-    out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    _check_out_dir(cfg, out_dir, ckpt_dir)
-    accelerator, precision = _accelerator(cfg)
-    torch.manual_seed(cfg.seed)
-    items = preflight(cfg.data_dir, skip_bad=cfg.skip_bad_images)
-    held_out = holdout_indices(len(items), cfg.validation_split, cfg.seed)
-    say(f"{len(items)} pictures in {cfg.data_dir} (sub-folders included), {len(held_out)} held out for the "
-        f"validation loss; loading the base {cfg.base}")
-    base = load_base(cfg.base, device=accelerator.device)
-    cfg = replace(cfg, quant=training_quant(cfg.quant, base.pipe.unet))  # "auto" -> what ran, for the summary
-    resume_from = usable_checkpoint(ckpt_dir) if cfg.resume else None
-    if resume_from:  # before the long part: refuse a resume that cannot continue this run
-        check_resumable(cfg, resume_from[2], items, resume_from[0])
-    if cfg.quant != "none":
-        base.quantize(cfg.quant)
-    adapter_cfg = AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
-    encoder_lrs = _encoder_lrs(cfg, base)
-    base.add_adapter(cfg.name, adapter_cfg, targets=cfg.targets, text_encoder=tuple(encoder_lrs))
-    pipe = base.pipe
-    if cfg.gradient_checkpointing:
-        enable_unet_checkpointing(pipe.unet)
-
-    buckets = training_buckets(cfg, base)
-    item_buckets = [nearest_bucket(item.size, buckets) for item in items]
-    say(f"encoding {len(items)} pictures into latents once ({len(set(item_buckets))} bucket sizes)")
-    latents_cache = cache_latents(pipe, items, item_buckets, cfg.flip)
-    masks = cache_masks(items, item_buckets, pipe.vae_scale_factor, cfg.flip) if cfg.masked_loss else []
-    if any(m is not None for m in masks):
-        say(f"{sum(m is not None for m in masks)} pictures have a loss mask (alpha or NAME.mask.png): white is learned")
-    train_items = sorted(set(range(len(items))) - set(held_out))
-    sampler = BucketSampler([item_buckets[i] for i in train_items], cfg.batch_size, cfg.seed, cfg.repeats)
-    texts = TextEmbeddings(pipe, trainable=bool(encoder_lrs), device=accelerator.device)
-    # (6,) per picture, and with flip its mirror's: [..., (plain, mirrored)]
-    time_ids = ([(torch.tensor(sdxl_time_ids(item.size, b)), torch.tensor(sdxl_time_ids(item.size, b, flipped=True)))
-                 for item, b in zip(items, item_buckets)] if base.family == "sdxl" else None)
-
-    layers = {f"{role}/{path}": layer for role, model in base.models().items()
-              for path, layer in adapter_layers(model).items()}
-    groups = []
-    for role, lr in {"unet": cfg.lr, **encoder_lrs}.items():  # each model's adapter at its own learning rate
-        groups += param_groups({k: v for k, v in layers.items() if k.startswith(role + "/")}, cfg.name, lr,
-                               cfg.loraplus_ratio)
-    optimizer = make_optimizer(cfg.optimizer, groups, accelerator.device)
-    optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the schedule steps once per step here
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    trained = {f"{key}.{pname}": p for key, layer in layers.items() if cfg.name in layer.adapters
-               for pname, p in layer.adapters[cfg.name].named_parameters()}
-    # The exponential moving average of the adapter, saved in checkpoints too so resume stays exact.
-    ema = {k: p.detach().clone() for k, p in trained.items()} if cfg.ema_decay else {}
-    noise_scheduler = training_scheduler(base, cfg.prediction_type, cfg.zero_terminal_snr)
-    return _Run(cfg, out_dir, ckpt_dir, accelerator, precision, base, items, held_out, train_items, latents_cache,
-                sampler, texts, optimizer, schedule, noise_scheduler, float(pipe.vae.config.scaling_factor),
-                torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed), Mix({cfg.name: 1.0}), trained, ema,
-                time_ids=time_ids, resume_from=resume_from,
-                masks=masks if any(m is not None for m in masks) else None)
-
-
-def _encoder_lrs(cfg: TrainConfig, base) -> dict[str, float]:
-    """The text encoders that get the adapter, each with its learning rate: --text-encoder-lr (default
-    --lr), SDXL's second --text-encoder-2-lr (default the first's); a rate of 0 leaves that encoder
-    without an adapter, as in kohya's sd-scripts. Empty without --text-encoder."""
-    if not cfg.text_encoder:
-        return {}
-    first = cfg.lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
-    lrs = {"text_encoder": first}
-    if "text_encoder_2" in base.models():
-        lrs["text_encoder_2"] = first if cfg.text_encoder_2_lr is None else cfg.text_encoder_2_lr
-    return {role: lr for role, lr in lrs.items() if lr > 0}
-
-
-def _resume(run: _Run) -> None:
+def _resume(run: Run) -> None:
     """Adapter, EMA, optimizer moments, schedule, RNG states and data position from the newest checkpoint."""
     _, tensors, state = run.resume_from
     with torch.no_grad():
@@ -244,7 +57,7 @@ def _resume(run: _Run) -> None:
     run.epoch, run.batch_index = state["position"]["epoch"], state["position"]["batch"]
 
 
-def _validate(run: _Run, at_step: int) -> None:
+def _validate(run: Run, at_step: int) -> None:
     """Held-out loss and validation pictures (main process; the others wait)."""
     cfg, base = run.cfg, run.base
     if run.main and run.held_out:
@@ -263,7 +76,7 @@ def _validate(run: _Run, at_step: int) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def _batch_loss(run: _Run, batch: list[int]) -> float:
+def _batch_loss(run: Run, batch: list[int]) -> float:
     """Forward and backward of one batch (this process's rows); returns the whole batch's mean loss."""
     cfg, accelerator = run.cfg, run.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -295,7 +108,7 @@ def _batch_loss(run: _Run, batch: list[int]) -> float:
     return sum_over_processes(share.detach(), accelerator).item()
 
 
-def _optimizer_step(run: _Run, batches: list) -> tuple[float, list]:
+def _optimizer_step(run: Run, batches: list) -> tuple[float, list]:
     """One optimizer step over grad_accum batches (gradients summed), then the schedule and the EMA.
     `batches` is the current epoch's order; returns the step's loss and the (maybe next epoch's) order."""
     cfg = run.cfg
@@ -325,7 +138,7 @@ def _optimizer_step(run: _Run, batches: list) -> tuple[float, list]:
     return step_loss, batches
 
 
-def _checkpoint(run: _Run) -> None:
+def _checkpoint(run: Run) -> None:
     if run.main:
         run.log.flush()
         save_checkpoint(run.ckpt_dir, run.step, {**run.trained, **{f"ema.{k}": e for k, e in run.ema.items()}},
@@ -335,9 +148,9 @@ def _checkpoint(run: _Run) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def _finish(run: _Run, t0: float) -> TrainResult:
+def _finish(run: Run, t0: float) -> TrainResult:
     """The EMA into the adapter (if any), the last validation, and the adapter file with its summary."""
-    cfg, pipe = run.cfg, run.base.pipe
+    cfg = run.cfg
     if run.ema:
         with torch.no_grad():
             for key, e in run.ema.items():
@@ -371,7 +184,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
 
     t0 = time.time()
     cfg = with_prompt_file(cfg)  # every validation prompt checked before the long part
-    run = _setup(cfg, say=(lambda msg: print(f"train: {msg}", file=sys.stderr, flush=True)) if progress else
+    run = setup_run(cfg, say=(lambda msg: print(f"train: {msg}", file=sys.stderr, flush=True)) if progress else
                  (lambda msg: None))
     if cfg.resume:
         _resume(run)
