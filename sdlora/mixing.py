@@ -172,6 +172,7 @@ class Mixer:
     def __init__(self, models: Mapping[str, nn.Module]):
         self.models = dict(models)
         self._lock = _RWLock()
+        self._originals = None  # fusing.Originals, made at the first fused mix
 
     def layers(self) -> dict[str, AdapterLayer]:
         return {f"{role}.{name}": m for role, model in self.models.items()
@@ -245,10 +246,12 @@ class Mixer:
             yield
 
     def _fuse(self, mix: Mix) -> list:
-        """Fuse the mix layer by layer; what restores each weight bit for bit (sdlora/fusing.py: no second
-        full copy of low-rank layers)."""
-        from .fusing import fuse_layer
+        """Fuse the mix layer by layer; what restores each weight bit for bit (sdlora/fusing.py: the originals
+        off the device, written once, so a switch is a copy back and one product per layer)."""
+        from .fusing import Originals, fuse_layer
 
+        if self._originals is None:
+            self._originals = Originals()
         saved = []
         try:
             for layer in self.layers().values():
@@ -256,7 +259,7 @@ class Mixer:
                 weights = {n: w for n, w in weights.items() if w != 0.0}
                 if not weights:
                     continue
-                saved.append(fuse_layer(layer, weights))
+                saved.append(fuse_layer(layer, weights, self._originals))
         except BaseException:
             for s in reversed(saved):
                 s.restore()

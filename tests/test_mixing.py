@@ -252,3 +252,50 @@ def test_a_dora_layer_keeps_a_full_copy_and_restores_it():
         for s in reversed(saved):
             s.restore()
     assert same_bits(snapshot(model), before)
+
+
+def test_a_mixer_keeps_originals_off_the_process_and_restores_them_by_copy():
+    """Fused mixes through a Mixer: originals in its store (a temporary file on the CPU), nothing of them in the
+    Saved objects; each weight written once and restored bit for bit across switches, conv layers too."""
+    model, layers = adapted("conv", None, {"a": "lora", "b": "dora"})
+    before = snapshot(model)
+    mixer = Mixer({"unet": model})
+    writes = []
+    with torch.no_grad():
+        for weights in ({"a": 0.7, "b": 0.2}, {"a": -1.3}, {"a": 0.4, "b": 1.1}):
+            with mixer.apply(Mix(weights), mode="fused"):
+                fused = snapshot(model)
+                assert not same_bits(fused, before)  # the mix really is in the weights
+            writes.append(mixer._originals._end)
+            assert same_bits(snapshot(model), before)
+    assert writes[0] > 0 and writes == [writes[0]] * 3  # written at the first fuse only
+
+
+def test_a_weight_changed_between_fused_mixes_is_stored_again():
+    """A base weight edited after a fused mix (even through .data, which its version counter misses) must come
+    back as edited, not as the stale original of the store."""
+    model, layers = adapted("linear", None, {"a": "lora"})
+    mixer = Mixer({"unet": model})
+    with torch.no_grad():
+        with mixer.apply(Mix({"a": 1.0}), mode="fused"):
+            pass
+        for layer in layers.values():
+            layer.base_layer.weight.data.mul_(0.5)  # an edit the version counter does not see
+        edited = snapshot(model)
+        with mixer.apply(Mix({"a": 0.6}), mode="fused"):
+            pass
+    assert same_bits(snapshot(model), edited)
+
+
+def test_where_the_store_cannot_be_written_the_rounding_scheme_restores_bit_for_bit(tmp_path):
+    from sdlora.fusing import Originals, fuse_layer
+
+    model, layers = adapted("linear", None, {"a": "lora"})
+    before = snapshot(model)
+    missing = Originals(directory=str(tmp_path / "no-such-folder"))
+    with torch.no_grad():
+        saved = [fuse_layer(layer, {"a": 0.9}, missing) for layer in layers.values()]
+        assert all(s.store is None and s.index is not None for s in saved)
+        for s in reversed(saved):
+            s.restore()
+    assert same_bits(snapshot(model), before)
