@@ -88,17 +88,17 @@ def check_keys(blocks) -> None:
                           "use down, mid, up, a block index such as down.1 or up.0, or LBW names (BASE, IN05, M00, OUT03)")
 
 
-def block_factor(blocks, region: str) -> float:
+def block_factor(blocks, region: str, default: float = 1.0) -> float:
     """The factor of `region`'s layers: the most specific key that covers it (LBW block, then diffusers block
-    index, then group), else 1. Regions: 'unet.down.1.IN05', 'unet.mid.M00', 'unet.in.IN00', 'unet',
+    index, then group), else `default`. Regions: 'unet.down.1.IN05', 'unet.mid.M00', 'unet.in.IN00', 'unet',
     'text_encoder', 'text_encoder_2'."""
     parts = region.split(".")
     if not region.startswith("unet"):
-        return blocks.get("BASE", 1.0)
+        return blocks.get("BASE", default)
     if len(parts) >= 2 and parts[-1] in BLOCK26 and parts[-1] in blocks:
         return blocks[parts[-1]]
     if len(parts) >= 3 and f"{parts[1]}.{parts[2]}" in blocks:
         return blocks[f"{parts[1]}.{parts[2]}"]
     if len(parts) >= 2 and parts[1] in GROUPS:
-        return blocks.get(parts[1], 1.0)
-    return 1.0
+        return blocks.get(parts[1], default)
+    return default

@@ -7,6 +7,8 @@ container is one with `transformer_blocks`; a CLIP layer has q/k/v/out_proj and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -138,10 +140,12 @@ def unwrap(model: nn.Module) -> int:
 
 
 def add_adapter(layers: dict[str, AdapterLayer], name: str, config: AdapterConfig, *,
-                generator: torch.Generator | None = None, shared: dict | None = None) -> int:
+                generator: torch.Generator | None = None, shared: dict | None = None,
+                ranks: dict[str, int] | None = None) -> int:
     """Build adapter `name` on every given layer, in layer order, initialised from `generator`
     (default: one seeded with config.seed); returns the count. `shared` holds VeRA's per-shape
-    projections across the layers and models of one pipeline."""
+    projections across the layers and models of one pipeline; `ranks` gives some layers (by name) another
+    rank than config.rank (block-wise ranks), alpha staying config.alpha (None: each layer's rank)."""
     if not layers:
         raise SdloraError(f"no layers to put adapter '{name}' on", "inject a target preset first")
     clash = [n for n, layer in layers.items() if name in layer.adapters]
@@ -149,8 +153,9 @@ def add_adapter(layers: dict[str, AdapterLayer], name: str, config: AdapterConfi
         raise SdloraError(f"adapter '{name}' is already loaded", "remove it first or choose another name")
     gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
     shared = {} if shared is None else shared
-    for layer in layers.values():
-        adapter = config.build(layer, gen, shared)
+    for layer_name, layer in layers.items():
+        rank = (ranks or {}).get(layer_name, config.rank)
+        adapter = (config if rank == config.rank else dataclasses.replace(config, rank=rank)).build(layer, gen, shared)
         device = next(iter(layer.base_layer.parameters())).device
         layer.add_adapter(name, adapter.to(device))
     return len(layers)

@@ -72,13 +72,15 @@ class Base:
         self.quant = mode
         return reports
 
-    def add_adapter(self, name: str, config, *, targets: str = "attn", text_encoder: bool | tuple = False) -> int:
+    def add_adapter(self, name: str, config, *, targets: str = "attn", text_encoder: bool | tuple = False,
+                    rank_of=None) -> int:
         """Wrap the preset's UNet layers (and the text encoders': all with text_encoder=True, or those of a
-        tuple of roles) and build adapter `name` on them; VeRA goes on linear layers only. Returns the
-        number of layers."""
+        tuple of roles) and build adapter `name` on them; VeRA goes on linear layers only. `rank_of(region)`
+        (regions: sdlora.inject.region_of) gives a layer's rank, 0 for none: block-wise ranks; default
+        config.rank everywhere. Returns the number of layers."""
         from .adapter_io import check_name
         from .adapters import method_class
-        from .inject import add_adapter, text_encoder_targets, unet_targets, wrap
+        from .inject import add_adapter, region_of, text_encoder_targets, unet_targets, wrap
 
         check_name(name)
         total = 0
@@ -88,10 +90,15 @@ class Base:
             if role != "unet" and not (text_encoder is True or role in (text_encoder or ())):
                 continue
             names = unet_targets(model, targets) if role == "unet" else text_encoder_targets(model)
+            ranks = {n: rank_of(region_of(role, n)) for n in names} if rank_of else {}
+            names = [n for n in names if ranks.get(n, config.rank) > 0]  # rank 0: that block gets no adapter
             layers = wrap(model, names, role)
             if not method_class(config.method).convs:  # VeRA
                 layers = {n: layer for n, layer in layers.items() if not layer.geometry.is_conv}
-            total += add_adapter(layers, name, config, generator=generator, shared=shared)
+            if layers:
+                total += add_adapter(layers, name, config, generator=generator, shared=shared, ranks=ranks)
+        if not total:
+            raise SdloraError(f"adapter '{name}' would sit on no layer", "give some block a rank and lr above 0")
         self.adapter_info[name] = {"config": dataclasses.asdict(config), "targets": targets,
                                    "text_encoder": bool(text_encoder)}
         return total

@@ -42,6 +42,19 @@ class TrainConfig:
                                 show_default=False)
     targets: str = _opt("all", "UNet layers: attention projections, every transformer linear, or those plus the "
                                 "ResNet and sampler convolutions", choices=UNET_PRESETS)
+    block_rank: str | None = _opt(None, "rank per UNet block, e.g. 'down=4, up=8, IN05=16' (blocks as a mix names "
+                                        "them; BASE: the text encoders; 0: no adapter there); the rest --rank",
+                                  show_default=False)
+    block_lr: str | None = _opt(None, "--lr multiplier per UNet block, e.g. 'down=0.5, mid=1, up.1=2' (0: no adapter "
+                                      "there); the rest 1; text encoders unaffected", show_default=False)
+    down_lr_weight: str | None = _opt(None, "kohya's: 12 (SDXL 9) --lr multipliers for the input blocks IN00-IN11, "
+                                            "or a preset (sine, cosine, linear, reverse_linear, zeros; +offset)",
+                                      show_default=False)
+    mid_lr_weight: float | None = _opt(None, "kohya's: the middle block's --lr multiplier", show_default=False)
+    up_lr_weight: str | None = _opt(None, "kohya's: 12 (SDXL 9) --lr multipliers for the output blocks OUT00-OUT11, "
+                                          "or a preset", show_default=False)
+    block_lr_zero_threshold: float = _opt(0.0, "kohya's: a block whose given lr multiplier is at or below this gets "
+                                               "no adapter")
     text_encoder: bool = _opt(True, "train adapters on the text encoder(s) too")
     text_encoder_lr: float | None = _opt(None, "the text encoder's adapter learning rate (default: --lr); 0: no "
                                                "adapter on it", show_default=False)
@@ -151,11 +164,29 @@ class TrainConfig:
             (self.bucket_step is None or self.bucket_step >= 8, "bucket_step", "at least 8"),
             (self.min_bucket is None or self.max_bucket is None or self.min_bucket <= self.max_bucket, "min_bucket",
              "at most max_bucket"),
+            (self.mid_lr_weight is None or (math.isfinite(self.mid_lr_weight) and self.mid_lr_weight >= 0),
+             "mid_lr_weight", "0 or more"),
+            (math.isfinite(self.block_lr_zero_threshold) and self.block_lr_zero_threshold >= 0,
+             "block_lr_zero_threshold", "0 or more"),
         ]
         for ok, field, want in checks:
             if not ok:
                 raise SdloraError(f"training setting {field} = {getattr(self, field)!r} must be {want}",
                                   f"fix {field} in the config file or its --{field.replace('_', '-')} flag")
+        self._check_blocks()
+
+    def _check_blocks(self) -> None:
+        """block_lr / block_rank / kohya's lr weights read now, before anything loads (sdlora.training.blocks)."""
+        from .blocks import kohya_blocks, parse_blocks
+
+        kohya = [k for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight") if getattr(self, k) is not None]
+        if self.block_lr and kohya:
+            raise SdloraError(f"training settings block_lr and {', '.join(kohya)} both set the blocks' learning rates",
+                              "give one: block_lr, or kohya's down/mid/up_lr_weight")
+        for field in ("block_lr", "block_rank"):
+            if getattr(self, field):
+                parse_blocks(getattr(self, field), field)
+        kohya_blocks(self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight, sdxl=False)
 
     @classmethod
     def load(cls, toml_path: str | Path | None = None, **overrides) -> "TrainConfig":

@@ -196,7 +196,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
     batches = run.sampler.batches(run.epoch)
     while run.step < cfg.steps:
         step_loss, batches = _optimizer_step(run, batches)
-        lr = run.schedule.get_last_lr()[0]
+        # --lr as scheduled: the first group's rate over its block multiplier (block_lr; 1 without)
+        lr = run.schedule.get_last_lr()[0] / run.optimizer.param_groups[0].get("lr_weight", 1.0)
         run.loss_rows.append([run.step, run.epoch, step_loss, lr])
         run.log.step(run.step, run.epoch, step_loss, lr)
         bar.update(1)

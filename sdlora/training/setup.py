@@ -15,9 +15,10 @@ import torch
 from ..adapters import AdapterConfig
 from ..adapters.optim import param_groups
 from ..errors import SdloraError
-from ..inject import adapter_layers
+from ..inject import adapter_layers, every_layer, region_of
 from ..mixing import Mix
 from ..pipelines import load_base, training_scheduler
+from .blocks import BlockPlan
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
 from .data import BucketSampler, nearest_bucket, preflight, sdxl_time_ids
@@ -153,9 +154,8 @@ def setup_run(cfg: TrainConfig, say=lambda msg: None) -> Run:
         check_resumable(cfg, resume_from[2], items, resume_from[0])
     if cfg.quant != "none":
         base.quantize(cfg.quant)
-    adapter_cfg = AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
     encoder_lrs = _encoder_lrs(cfg, base)
-    base.add_adapter(cfg.name, adapter_cfg, targets=cfg.targets, text_encoder=tuple(encoder_lrs))
+    plan = add_training_adapter(cfg, base, encoder_lrs)
     pipe = base.pipe
     if cfg.gradient_checkpointing:
         enable_unet_checkpointing(pipe.unet)
@@ -176,11 +176,7 @@ def setup_run(cfg: TrainConfig, say=lambda msg: None) -> Run:
 
     layers = {f"{role}/{path}": layer for role, model in base.models().items()
               for path, layer in adapter_layers(model).items()}
-    groups = []
-    for role, lr in {"unet": cfg.lr, **encoder_lrs}.items():  # each model's adapter at its own learning rate
-        groups += param_groups({k: v for k, v in layers.items() if k.startswith(role + "/")}, cfg.name, lr,
-                               cfg.loraplus_ratio)
-    optimizer = make_optimizer(cfg.optimizer, groups, accelerator.device)
+    optimizer = make_optimizer(cfg.optimizer, optimizer_groups(cfg, base, encoder_lrs, plan), accelerator.device)
     optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the schedule steps once per step here
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     trained = {f"{key}.{pname}": p for key, layer in layers.items() if cfg.name in layer.adapters
@@ -193,6 +189,34 @@ def setup_run(cfg: TrainConfig, say=lambda msg: None) -> Run:
                 torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed), Mix({cfg.name: 1.0}), trained, ema,
                 time_ids=time_ids, resume_from=resume_from,
                 masks=masks if any(m is not None for m in masks) else None)
+
+
+def add_training_adapter(cfg: TrainConfig, base, encoder_lrs: dict[str, float]) -> BlockPlan:
+    """The adapter to train on the UNet and the encoders of `encoder_lrs`, at each layer's block-wise rank
+    (block_rank; none where a block's lr multiplier is 0); returns the plan the optimizer's groups follow."""
+    plan = BlockPlan.of(cfg, sdxl=base.family == "sdxl")
+    if plan.active:
+        plan.check_names({region_of("unet", n) for n in every_layer(base.pipe.unet)})
+    adapter_cfg = AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    base.add_adapter(cfg.name, adapter_cfg, targets=cfg.targets, text_encoder=tuple(encoder_lrs),
+                     rank_of=plan.rank_of if plan.active else None)
+    return plan
+
+
+def optimizer_groups(cfg: TrainConfig, base, encoder_lrs: dict[str, float], plan: BlockPlan) -> list[dict]:
+    """Each text encoder's adapter at its rate, the UNet's at --lr times its block's multiplier: one A/B pair
+    (LoRA+) per model and multiplier, multipliers in layer order, so without block_lr the groups are as before."""
+    groups = []
+    for role, lr in {"unet": cfg.lr, **encoder_lrs}.items():
+        by_weight: dict[float, dict] = {}
+        for path, layer in adapter_layers(base.models()[role]).items():
+            if cfg.name in layer.adapters:
+                weight = plan.lr_weight(region_of(role, path)) if role == "unet" else 1.0
+                by_weight.setdefault(weight, {})[path] = layer
+        for weight, layers in by_weight.items():
+            for group in param_groups(layers, cfg.name, lr * weight, cfg.loraplus_ratio):
+                groups.append({**group, "name": f"{role}.{group['name']}", "lr_weight": weight})
+    return groups
 
 
 def _encoder_lrs(cfg: TrainConfig, base) -> dict[str, float]:
