@@ -131,6 +131,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
         if kind == "bool":
             del kw["metavar"]
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, **kw)  # --x / --no-x
+        elif "parse" in meta:  # a value with its own syntax: --resolution 48,64
+            parser.add_argument(flag, dest=f.name, type=meta["parse"], **kw)
         elif kind.startswith("tuple"):
             parser.add_argument(flag, dest=f.name, action="append", **kw)
         else:

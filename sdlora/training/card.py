@@ -13,7 +13,7 @@ def card(cfg, items: list, train_items: list[int], native_size: int, out_dir: Pa
     by_folder: dict[str, list[str]] = {}
     for i in train_items:
         by_folder.setdefault(items[i].image.parent.name, []).append(items[i].caption)
-    side = cfg.resolution or native_size
+    side = max(cfg.resolution) if cfg.resolution else native_size  # the largest of several
     samples = sorted((Path(out_dir) / "samples").glob("step-*.png"))
     return {"tag_frequency": tag_frequency(by_folder), "resolution": [side, side],
             **({"thumbnail": thumbnail(samples[-1])} if samples else {})}

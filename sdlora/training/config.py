@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import tomllib
@@ -18,6 +19,15 @@ from ..errors import SdloraError
 def _opt(default, help: str, **meta):
     """A setting: its default, and what its CLI flag shows (help; choices, metavar, flag name, positional)."""
     return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def parse_sides(text: str) -> tuple[int, ...]:
+    """--resolution's value: '64' -> (64,), '48,64' -> (48, 64)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a side or comma-separated sides in pixels, e.g. 64 or "
+                                         "48,64") from None
 
 
 @dataclass(frozen=True)
@@ -66,8 +76,10 @@ class TrainConfig:
     lr: float = _opt(1e-3, "learning rate")
     loraplus_ratio: float = _opt(1.0, "B's learning rate over A's (LoRA+)")
     warmup_steps: int = _opt(0, "linear learning-rate warm-up steps")
-    resolution: int | None = _opt(None, "bucket area side (default: the base's native size)",
-                                   show_default=False)
+    resolution: tuple[int, ...] | None = _opt(None, "bucket area side in pixels, or several comma-separated "
+                                                    "(48,64; a list in TOML): each picture trains at each, bucketed "
+                                                    "at each (default: the base's native size)",
+                                              parse=parse_sides, metavar="PX[,PX...]", show_default=False)
     bucket_step: int | None = _opt(None, "bucket sides' step in pixels (default 64, or the UNet's finest for bases "
                                          "under 512 px); a multiple of the UNet's (SD1/SD2: 64, SDXL: 32)",
                                    show_default=False)
@@ -88,6 +100,11 @@ class TrainConfig:
     shuffle_tags: bool = _opt(False, "shuffle comma-separated tags")
     keep_tokens: int = _opt(0, "leading tags kept in place", metavar="N")
     repeats: int = _opt(1, "times each picture appears per epoch")
+    reg_dir: str | None = _opt(None, "regularization pictures with their own .txt captions (prior preservation, as "
+                                     "in DreamBooth and kohya's sd-scripts): each epoch adds one per training "
+                                     "picture, cycled; they never get the trigger word", metavar="DIR",
+                               show_default=False)
+    reg_weight: float = _opt(1.0, "the loss of regularization rows is multiplied by this (kohya's prior_loss_weight)")
     min_snr_gamma: float | None = _opt(5.0, "min-SNR weighting gamma")
     noise_offset: float = _opt(0.1, "noise offset (a per-channel constant added to the noise)")
     timestep_sampling: str = _opt("uniform", "how noise levels are drawn: uniform, or logit_normal (most weight on "
@@ -127,6 +144,14 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts))
+        if self.resolution is not None:  # Python callers may give 64, [48, 64] or "48,64"
+            sides = self.resolution
+            try:
+                sides = parse_sides(sides) if isinstance(sides, str) else (sides,) if _whole(sides) else tuple(sides)
+            except (argparse.ArgumentTypeError, TypeError) as err:
+                raise SdloraError(f"training setting resolution = {self.resolution!r}: {err}",
+                                  "give a side in pixels or several, e.g. 64 or [48, 64]") from None
+            object.__setattr__(self, "resolution", sides)
         checks = [
             (self.steps >= 1, "steps", "at least 1"), (self.batch_size >= 1, "batch_size", "at least 1"),
             (self.grad_accum >= 1, "grad_accum", "at least 1"), (self.repeats >= 1, "repeats", "at least 1"),
@@ -159,8 +184,10 @@ class TrainConfig:
             (self.quant in TRAIN_QUANT, "quant", " or ".join(TRAIN_QUANT)),
             (self.method in TRAIN_METHODS, "method", " or ".join(TRAIN_METHODS)),
             (self.targets in UNET_PRESETS, "targets", " or ".join(UNET_PRESETS)),
-            (self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0), "resolution",
-             "a multiple of 8"),
+            (self.resolution is None or (len(self.resolution) >= 1 and len(set(self.resolution)) == len(self.resolution)
+                                         and all(isinstance(r, int) and r >= 8 and r % 8 == 0 for r in self.resolution)),
+             "resolution", "multiples of 8, each once"),
+            (math.isfinite(self.reg_weight) and self.reg_weight >= 0, "reg_weight", "0 or more"),
             (self.bucket_step is None or self.bucket_step >= 8, "bucket_step", "at least 8"),
             (self.min_bucket is None or self.max_bucket is None or self.min_bucket <= self.max_bucket, "min_bucket",
              "at most max_bucket"),
@@ -212,13 +239,22 @@ class TrainConfig:
         return cls(**values)
 
 
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _typed(key: str, value, hint, source) -> object:
-    """A TOML value checked against its field's type (str, int, float, bool, tuple of str; "| None" adds
-    nothing, as TOML has no null): 'lr = "1e-4"' or 'steps = 1.5' or 'steps = true' is one clear error, and a
-    string is never taken for a list of one-character prompts."""
+    """A TOML value checked against its field's type (str, int, float, bool, tuple of str, tuple of int; "| None"
+    adds nothing, as TOML has no null): 'lr = "1e-4"' or 'steps = 1.5' or 'steps = true' is one clear error, a
+    string is never taken for a list of one-character prompts, and a tuple of int also takes one whole number
+    (resolution = 64 or [48, 64])."""
     kinds = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
     kind = kinds[0]
-    if typing.get_origin(kind) is tuple:
+    if typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is int:
+        if _whole(value) or (isinstance(value, list) and value and all(_whole(v) for v in value)):
+            return (value,) if _whole(value) else tuple(value)
+        want = "a whole number or a list of them, e.g. 64 or [48, 64]"
+    elif typing.get_origin(kind) is tuple:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
         want = "a list of strings, e.g. [\"a red circle\"]"
@@ -227,7 +263,7 @@ def _typed(key: str, value, hint, source) -> object:
             return value
         want = "true or false"
     elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if _whole(value):
             return value
         want = "a whole number"
     elif kind is float:

@@ -169,24 +169,62 @@ def sdxl_time_ids(size: tuple[int, int], bucket: tuple[int, int], flipped: bool 
     return [float(size[1]), float(size[0]), float(top), float(left), float(bucket[1]), float(bucket[0])]
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One picture at one resolution, bucketed there: what latents, masks and SDXL time ids are cached per. reg:
+    a regularization picture (its own caption, never the trigger word; its loss times --reg-weight)."""
+    item: Item
+    bucket: tuple[int, int]
+    reg: bool = False
+
+
+def training_samples(items: list[Item], reg_items: list[Item], bucket_sets: list[list[tuple[int, int]]]) -> list[Sample]:
+    """Every picture at every resolution (one bucket set per resolution), the training pictures first, one
+    resolution after the other, then the regularization pictures likewise: sample r * len(items) + i is
+    picture i at resolution r, so the first len(items) are the pictures at the first resolution."""
+    return [Sample(item, nearest_bucket(item.size, buckets), reg) for reg, group in ((False, items), (True, reg_items))
+            for buckets in bucket_sets for item in group]
+
+
 class BucketSampler:
-    """Batches of item indices, each batch from one bucket, in an order fixed by (seed, epoch).
+    """Batches of sample positions, each batch from one bucket, in an order fixed by (seed, epoch).
 
-    An epoch holds every item `repeats` times, in batches of `batch_size` (a bucket's last,
-    smaller batch is kept). `batches(epoch)[k:]` is what remains after k batches, which is all
-    that exact resume needs: no sample is seen twice in an epoch."""
+    An epoch holds every training sample `repeats` times and, with regularization samples (reg_buckets),
+    as many of those (positions len(buckets_of_items) + j), in batches of `batch_size` (a bucket's last,
+    smaller batch is kept). `batches(epoch)[k:]` is what remains after k batches, which is all that exact
+    resume needs: no sample is seen twice in an epoch, and nothing depends on earlier epochs."""
 
-    def __init__(self, buckets_of_items: list[tuple[int, int]], batch_size: int, seed: int, repeats: int = 1):
+    def __init__(self, buckets_of_items: list[tuple[int, int]], batch_size: int, seed: int, repeats: int = 1,
+                 reg_buckets: list[tuple[int, int]] = ()):
         if batch_size < 1 or repeats < 1:
             raise SdloraError("batch size and repeats must be at least 1", "pass --batch-size 1 or more")
-        self.buckets_of_items = buckets_of_items
+        self.buckets_of_items, self.reg_buckets = buckets_of_items, list(reg_buckets)
         self.batch_size, self.seed, self.repeats = batch_size, seed, repeats
+
+    def reg_picks(self, epoch: int) -> list[int]:
+        """The regularization samples (0-based) that join `epoch`: one per training sample of the epoch (kohya's
+        count), taken in turn from an endless stream of shuffles of all of them, round k shuffled by (seed, k).
+        Fewer than the training samples are cycled; more are all used over the epochs (kohya keeps only the
+        first ones), each as often as any other within one. Epoch e takes the stream's slice [e n, (e + 1) n),
+        so it depends on (seed, epoch) alone."""
+        count, per_epoch = len(self.reg_buckets), len(self.buckets_of_items) * self.repeats
+        if not count:
+            return []
+        start, stop = epoch * per_epoch, (epoch + 1) * per_epoch
+        picks = []
+        for k in range(start // count, (stop - 1) // count + 1):
+            order = list(range(count))
+            random.Random(f"{self.seed}:reg:{k}").shuffle(order)
+            picks += order[max(start - k * count, 0) : min(stop - k * count, count)]
+        return picks
 
     def batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(f"{self.seed}:{epoch}")
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for index, bucket in enumerate(self.buckets_of_items):
             by_bucket.setdefault(bucket, []).extend([index] * self.repeats)
+        for j in self.reg_picks(epoch):  # in the same buckets as the training samples: batches mix both, as kohya's
+            by_bucket.setdefault(self.reg_buckets[j], []).append(len(self.buckets_of_items) + j)
         batches = []
         for bucket in sorted(by_bucket):
             members = by_bucket[bucket]

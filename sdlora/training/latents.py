@@ -1,4 +1,4 @@
-"""Training pictures as latents: the buckets a run uses, and each picture encoded once by the VAE."""
+"""Training pictures as latents: the buckets a run uses, and each picture encoded once per resolution by the VAE."""
 
 from __future__ import annotations
 
@@ -16,20 +16,23 @@ def _unet_step(pipe) -> int:
     return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
 
 
-def training_buckets(cfg, base) -> list[tuple[int, int]]:
-    """The (w, h) buckets of a run: --bucket-step (default 64 for real bases, the UNet's finest step for
-    tiny ones), sides between --min-bucket and --max-bucket (default twice the resolution)."""
+def training_buckets(cfg, base) -> list[list[tuple[int, int]]]:
+    """The (w, h) buckets of a run, one set per --resolution (default: the base's native size): --bucket-step
+    (default 64 for real bases, the UNet's finest step for tiny ones), sides between --min-bucket and
+    --max-bucket (default twice that resolution)."""
     unet_step = _unet_step(base.pipe)
     step = cfg.bucket_step or (64 if base.native_size >= 512 and 64 % unet_step == 0 else unet_step)
     if step % unet_step:
         raise SdloraError(f"training setting bucket_step = {step} is not a multiple of this base's {unet_step} px",
                           f"pass --bucket-step {unet_step} or a multiple of it")
-    resolution = cfg.resolution or base.native_size
-    buckets = make_buckets(resolution, step, min_side=cfg.min_bucket, max_side=cfg.max_bucket or 2 * resolution)
-    if not buckets:
-        raise SdloraError(f"no bucket of {step}-px steps fits between min_bucket {cfg.min_bucket} and max_bucket "
-                          f"{cfg.max_bucket} at resolution {resolution}", "widen --min-bucket / --max-bucket")
-    return buckets
+    sets = []
+    for resolution in cfg.resolution or (base.native_size,):
+        buckets = make_buckets(resolution, step, min_side=cfg.min_bucket, max_side=cfg.max_bucket or 2 * resolution)
+        if not buckets:
+            raise SdloraError(f"no bucket of {step}-px steps fits between min_bucket {cfg.min_bucket} and max_bucket "
+                              f"{cfg.max_bucket} at resolution {resolution}", "widen --min-bucket / --max-bucket")
+        sets.append(buckets)
+    return sets
 
 
 @torch.no_grad()

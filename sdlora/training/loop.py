@@ -1,7 +1,7 @@
 """The training loop: one readable pass from a folder of captioned pictures to an adapter file.
 
 Data, loss and checkpoints live in their own modules; this file only wires them:
-pre-flight scan -> base (quantized) + adapter -> latents cached once per picture -> steps of
+pre-flight scan -> base (quantized) + adapter -> latents cached once per picture and resolution -> steps of
 noise, UNet prediction under the adapter's mix, weighted MSE, optimizer -> the adapter file.
 """
 
@@ -77,12 +77,15 @@ def _validate(run: Run, at_step: int) -> None:
 
 
 def _batch_loss(run: Run, batch: list[int]) -> float:
-    """Forward and backward of one batch (this process's rows); returns the whole batch's mean loss."""
+    """Forward and backward of one batch of samples (this process's rows); returns the whole batch's mean loss."""
     cfg, accelerator = run.cfg, run.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
-    # The whole global batch's randomness is drawn on every process; each keeps its rows.
-    captions = [process_caption(run.items[i].caption, run.rng, cfg.trigger, cfg.shuffle_tags, cfg.keep_tokens,
-                                cfg.caption_dropout) for i in batch]
+    rows = [run.samples[i] for i in batch]
+    # The whole global batch's randomness is drawn on every process; each keeps its rows. Regularization pictures
+    # never get the trigger word; tag shuffling and caption dropout apply to them as to the training pictures,
+    # as kohya's sd-scripts apply a run's caption settings to its reg subsets too.
+    captions = [process_caption(s.item.caption, run.rng, None if s.reg else cfg.trigger, cfg.shuffle_tags,
+                                cfg.keep_tokens, cfg.caption_dropout) for s in rows]
     flips = [cfg.flip and run.rng.random() < 0.5 for _ in batch]  # drawn only with --flip: runs without are as before
     mean = torch.stack([run.latents_cache[i][2 * f] for i, f in zip(batch, flips)])  # (B, C, h, w)
     std = torch.stack([run.latents_cache[i][2 * f + 1] for i, f in zip(batch, flips)])
@@ -93,6 +96,8 @@ def _batch_loss(run: Run, batch: list[int]) -> float:
     mine = local_rows(len(batch), rank, world)
     time_ids = torch.stack([run.time_ids[i][f] for i, f in zip(batch, flips)])[mine] if run.time_ids else None  # (B, 6)
     latents, noise, t = latents[mine].to(accelerator.device), noise[mine].to(accelerator.device), t[mine]
+    # (B,) each row's loss weight: --reg-weight for regularization rows (prior preservation's weight), else 1
+    row_weights = torch.tensor([cfg.reg_weight if s.reg else 1.0 for s in rows])[mine]
     mask = None
     if run.masks:  # (B, 1, h, w): a picture without a mask learns everywhere
         mask = torch.stack([run.masks[i][f] if run.masks[i] is not None else torch.ones_like(latents[0, :1]).cpu()
@@ -103,7 +108,7 @@ def _batch_loss(run: Run, batch: list[int]) -> float:
             cond = unet_conditioning(*run.texts(captions[mine]), time_ids)
             # This process's share of the batch mean: summed over processes it is the mean.
             share = training_loss(run.base.pipe.unet, run.noise_scheduler, latents, noise, t.to(latents.device), cond,
-                                  cfg.min_snr_gamma, mask) * len(t) / len(batch)
+                                  cfg.min_snr_gamma, mask, row_weights) * len(t) / len(batch)
             accelerator.backward(share / cfg.grad_accum)
     return sum_over_processes(share.detach(), accelerator).item()
 
@@ -117,11 +122,11 @@ def _optimizer_step(run: Run, batches: list) -> tuple[float, list]:
         if run.batch_index >= len(batches):
             run.epoch, run.batch_index = run.epoch + 1, 0
             batches = run.sampler.batches(run.epoch)
-        batch = [run.train_items[i] for i in batches[run.batch_index]]
+        batch = [run.order[i] for i in batches[run.batch_index]]  # sample indices
         run.batch_index += 1
         batch_loss = _batch_loss(run, batch)
         if not math.isfinite(batch_loss):
-            names = ", ".join(run.items[i].image.name for i in batch)
+            names = ", ".join(run.samples[i].item.image.name for i in batch)
             raise SdloraError(f"the loss became {batch_loss} at step {run.step} on {names}",
                               "lower --lr, check those pictures, or resume from the last checkpoint")
         step_loss += batch_loss / cfg.grad_accum
@@ -143,7 +148,7 @@ def _checkpoint(run: Run) -> None:
         run.log.flush()
         save_checkpoint(run.ckpt_dir, run.step, {**run.trained, **{f"ema.{k}": e for k, e in run.ema.items()}},
                         run.optimizer, run.schedule, run.gen, run.rng, {"epoch": run.epoch, "batch": run.batch_index},
-                        history(run.cfg, run.items, run.losses, run.val_losses, run.loss_rows),
+                        history(run.cfg, run.items, run.losses, run.val_losses, run.loss_rows, run.reg_items),
                         run.cfg.keep_checkpoints)
     run.accelerator.wait_for_everyone()
 
@@ -160,6 +165,7 @@ def _finish(run: Run, t0: float) -> TrainResult:
     _validate(run, run.step)
     run.log.close()
     summary = {**asdict(cfg), "steps_done": run.step, "epochs": run.epoch, "pictures": len(run.train_items),
+               "reg_pictures": len(run.reg_items),
                "held_out": len(run.held_out), "final_loss": run.losses[-1],
                "processes": run.accelerator.num_processes, "precision": run.precision,
                "final_val_loss": run.val_losses[-1][1] if run.val_losses else None,

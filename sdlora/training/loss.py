@@ -55,10 +55,15 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tens
 
 
 def training_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: dict,
-                  gamma: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                  gamma: float | None, mask: torch.Tensor | None = None,
+                  row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """One batch's objective: latents (B, C, h, w) noised to `timesteps` (B,), the UNet's prediction under
-    `cond` (text_cache.unet_conditioning) against the base's target, min-SNR weighted."""
+    `cond` (text_cache.unet_conditioning) against the base's target, min-SNR weighted; row_weights (B,) multiply
+    each row's term (regularization rows: --reg-weight), still averaged over all B rows, as kohya's
+    prior_loss_weight is."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, **cond).sample
-    return diffusion_loss(pred, target_for(scheduler, latents, noise, timesteps), loss_weights(scheduler, timesteps, gamma),
-                          mask)
+    weights = loss_weights(scheduler, timesteps, gamma)
+    if row_weights is not None:
+        weights = weights * row_weights.to(weights)
+    return diffusion_loss(pred, target_for(scheduler, latents, noise, timesteps), weights, mask)

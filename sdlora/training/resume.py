@@ -25,8 +25,8 @@ from ..errors import SdloraError
 from .checkpoint import MARKER, load_checkpoint
 
 # Settings a resumed run may give anew: the run's length and what it logs, checks and keeps; the data folder's
-# path (a moved folder is fine: its pictures are compared by name and size).
-MAY_CHANGE = {"out_dir", "data_dir", "steps", "resume", "gradient_checkpointing", "validation_prompts", "validation_prompt_file", "validate_every",
+# path and the regularization folder's (a moved folder is fine: its pictures are compared by name and size).
+MAY_CHANGE = {"out_dir", "data_dir", "reg_dir", "steps", "resume", "gradient_checkpointing", "validation_prompts", "validation_prompt_file", "validate_every",
               "validation_seeds", "checkpoint_every", "keep_checkpoints", "skip_bad_images", "name"}
 
 
@@ -75,31 +75,32 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def check_resumable(cfg, state: dict, items, checkpoint: Path) -> None:
-    """Refuse a resume whose settings or pictures are not the checkpoint's (checkpoints written before sdlora
-    recorded them are taken as they are)."""
+def check_resumable(cfg, state: dict, items, checkpoint: Path, reg_items=()) -> None:
+    """Refuse a resume whose settings, pictures or regularization pictures are not the checkpoint's (checkpoints
+    written before sdlora recorded them are taken as they are)."""
     saved = state.get("config")
     if saved is not None:
         now = dataclasses.asdict(cfg)
+        if isinstance(saved.get("resolution"), int):  # written before a run could have several
+            saved = {**saved, "resolution": [saved["resolution"]]}
         changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
                    if k not in MAY_CHANGE and k in saved and not _same(saved[k], now[k])]
         if changed:
             raise SdloraError(f"--resume: {checkpoint.name} was trained with other settings: {', '.join(changed)}",
                               "resume with the settings of the run, or start a new run in a new --out folder")
-    pictures = state.get("pictures")
-    if pictures is not None:
-        have = fingerprint(items)
-        if [list(p) for p in pictures] != have:
+    for key, folder, what in (("pictures", cfg.data_dir, "pictures"), ("reg_pictures", cfg.reg_dir, "regularization pictures")):
+        pictures, have = state.get(key), fingerprint(items if key == "pictures" else reg_items)
+        if pictures is not None and [list(p) for p in pictures] != have:
             old, new = {tuple(p) for p in pictures}, {tuple(p) for p in have}
-            raise SdloraError(f"--resume: the pictures in {cfg.data_dir} are not those {checkpoint.name} was trained on "
+            raise SdloraError(f"--resume: the {what} in {folder} are not those {checkpoint.name} was trained on "
                               f"({len(new - old)} new or changed, {len(old - new)} gone)",
-                              "resume with the run's pictures, or start a new run in a new --out folder")
+                              f"resume with the run's {what}, or start a new run in a new --out folder")
 
 
-def history(cfg, items, losses, val_losses, rows) -> dict:
-    """What state.json keeps beside the training state: the settings, the pictures, the loss history with
-    each step's epoch and learning rate (so loss.csv comes back whole)."""
+def history(cfg, items, losses, val_losses, rows, reg_items=()) -> dict:
+    """What state.json keeps beside the training state: the settings, the pictures and regularization pictures,
+    the loss history with each step's epoch and learning rate (so loss.csv comes back whole)."""
     return {"losses": losses, "val_losses": val_losses, "loss_rows": rows, "config": dataclasses.asdict(cfg),
-            "pictures": fingerprint(items)}
+            "pictures": fingerprint(items), "reg_pictures": fingerprint(reg_items)}
 
 

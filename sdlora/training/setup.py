@@ -21,7 +21,7 @@ from ..pipelines import load_base, training_scheduler
 from .blocks import BlockPlan
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
-from .data import BucketSampler, nearest_bucket, preflight, sdxl_time_ids
+from .data import BucketSampler, preflight, sdxl_time_ids, training_samples
 from .latents import cache_latents, cache_masks, training_buckets
 from .optimizers import make_optimizer
 from .quant_auto import training_quant
@@ -87,10 +87,10 @@ class Run:
     accelerator: object
     precision: str
     base: object
-    items: list
+    items: list  # the training pictures (Item), in the scan's order
     held_out: list[int]
     train_items: list[int]
-    latents_cache: list
+    latents_cache: list  # per sample (run.samples), indexed as they are
     sampler: BucketSampler
     texts: TextEmbeddings
     optimizer: object
@@ -107,12 +107,17 @@ class Run:
     step: int = 0
     epoch: int = 0
     batch_index: int = 0
-    time_ids: list | None = None  # SDXL: per picture (6,), from its size and bucket; None for SD1/SD2
+    time_ids: list | None = None  # SDXL: per sample (6,), from its size and bucket; None for SD1/SD2
     held_out_cond: object = None  # the held-out captions' (hidden, pooled)
     loss_rows: list = field(default_factory=list)  # [step, epoch, loss, lr] per step, as loss.csv shows them
     resume_from: tuple | None = None  # (path, tensors, state) of the checkpoint --resume continues
     log: object = None
-    masks: list | None = None  # per picture None or its loss mask (1, h, w) [, mirrored]; None: no picture has one
+    masks: list | None = None  # per sample None or its loss mask (1, h, w) [, mirrored]; None: no picture has one
+    # Every picture at every resolution (data.training_samples): sample i < len(items) is picture i at the first
+    # resolution, which is what validation uses. order: the sampler's positions -> sample indices.
+    samples: list = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+    reg_items: list = field(default_factory=list)  # the regularization pictures (--reg-dir)
 
     @property
     def main(self) -> bool:
@@ -145,13 +150,15 @@ def setup_run(cfg: TrainConfig, say=lambda msg: None) -> Run:
     torch.manual_seed(cfg.seed)
     items = preflight(cfg.data_dir, skip_bad=cfg.skip_bad_images)
     held_out = holdout_indices(len(items), cfg.validation_split, cfg.seed)
+    reg_items = preflight(cfg.reg_dir, skip_bad=cfg.skip_bad_images) if cfg.reg_dir else []
     say(f"{len(items)} pictures in {cfg.data_dir} (sub-folders included), {len(held_out)} held out for the "
-        f"validation loss; loading the base {cfg.base}")
+        f"validation loss; " + (f"{len(reg_items)} regularization pictures in {cfg.reg_dir}; " if cfg.reg_dir else "")
+        + f"loading the base {cfg.base}")
     base = load_base(cfg.base, device=accelerator.device)
     cfg = replace(cfg, quant=training_quant(cfg.quant, base.pipe.unet))  # "auto" -> what ran, for the summary
     resume_from = usable_checkpoint(ckpt_dir) if cfg.resume else None
     if resume_from:  # before the long part: refuse a resume that cannot continue this run
-        check_resumable(cfg, resume_from[2], items, resume_from[0])
+        check_resumable(cfg, resume_from[2], items, resume_from[0], reg_items)
     if cfg.quant != "none":
         base.quantize(cfg.quant)
     encoder_lrs = _encoder_lrs(cfg, base)
@@ -160,19 +167,28 @@ def setup_run(cfg: TrainConfig, say=lambda msg: None) -> Run:
     if cfg.gradient_checkpointing:
         enable_unet_checkpointing(pipe.unet)
 
-    buckets = training_buckets(cfg, base)
-    item_buckets = [nearest_bucket(item.size, buckets) for item in items]
-    say(f"encoding {len(items)} pictures into latents once ({len(set(item_buckets))} bucket sizes)")
-    latents_cache = cache_latents(pipe, items, item_buckets, cfg.flip)
-    masks = cache_masks(items, item_buckets, pipe.vae_scale_factor, cfg.flip) if cfg.masked_loss else []
+    bucket_sets = training_buckets(cfg, base)  # one per resolution
+    samples = training_samples(items, reg_items, bucket_sets)
+    pictures, buckets = [s.item for s in samples], [s.bucket for s in samples]
+    sides = f" at {', '.join(str(r) for r in cfg.resolution)} px" if cfg.resolution and len(cfg.resolution) > 1 else ""
+    say(f"encoding {len(items)} pictures" + (f" and {len(reg_items)} regularization pictures" if reg_items else "")
+        + f" into latents once{sides} ({len(set(buckets))} bucket sizes)")
+    latents_cache = cache_latents(pipe, pictures, buckets, cfg.flip)
+    masks = cache_masks(pictures, buckets, pipe.vae_scale_factor, cfg.flip) if cfg.masked_loss else []
     if any(m is not None for m in masks):
-        say(f"{sum(m is not None for m in masks)} pictures have a loss mask (alpha or NAME.mask.png): white is learned")
+        say(f"{len({id(s.item) for s, m in zip(samples, masks) if m is not None})} pictures have a loss mask (alpha or "
+            "NAME.mask.png): white is learned")
     train_items = sorted(set(range(len(items))) - set(held_out))
-    sampler = BucketSampler([item_buckets[i] for i in train_items], cfg.batch_size, cfg.seed, cfg.repeats)
+    # the sampler's positions: the training samples (held-out pictures at no resolution), then the regularization ones
+    train_samples = [r * len(items) + i for r in range(len(bucket_sets)) for i in train_items]
+    reg_samples = list(range(len(bucket_sets) * len(items), len(samples)))
+    sampler = BucketSampler([buckets[i] for i in train_samples], cfg.batch_size, cfg.seed, cfg.repeats,
+                            [buckets[i] for i in reg_samples])
     texts = TextEmbeddings(pipe, trainable=bool(encoder_lrs), device=accelerator.device)
-    # (6,) per picture, and with flip its mirror's: [..., (plain, mirrored)]
-    time_ids = ([(torch.tensor(sdxl_time_ids(item.size, b)), torch.tensor(sdxl_time_ids(item.size, b, flipped=True)))
-                 for item, b in zip(items, item_buckets)] if base.family == "sdxl" else None)
+    # (6,) per sample, and with flip its mirror's: [..., (plain, mirrored)]
+    time_ids = ([(torch.tensor(sdxl_time_ids(s.item.size, s.bucket)),
+                  torch.tensor(sdxl_time_ids(s.item.size, s.bucket, flipped=True))) for s in samples]
+                if base.family == "sdxl" else None)
 
     layers = {f"{role}/{path}": layer for role, model in base.models().items()
               for path, layer in adapter_layers(model).items()}
@@ -188,7 +204,8 @@ def setup_run(cfg: TrainConfig, say=lambda msg: None) -> Run:
                 sampler, texts, optimizer, schedule, noise_scheduler, float(pipe.vae.config.scaling_factor),
                 torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed), Mix({cfg.name: 1.0}), trained, ema,
                 time_ids=time_ids, resume_from=resume_from,
-                masks=masks if any(m is not None for m in masks) else None)
+                masks=masks if any(m is not None for m in masks) else None, samples=samples,
+                order=train_samples + reg_samples, reg_items=reg_items)
 
 
 def add_training_adapter(cfg: TrainConfig, base, encoder_lrs: dict[str, float]) -> BlockPlan:
