@@ -32,8 +32,7 @@ def _upstream(name):
 
 def _model(method="dora"):
     """A two-layer model with adapter 'a' (DoRA: 2-D down/up and a 1-D magnitude, both Adafactor paths)."""
-    model, layers = adapted("linear", None, {"a": method})
-    return model, layers
+    return adapted("linear", None, {"a": method})
 
 
 def _loss(model, gen):
