@@ -10,7 +10,9 @@ BASE_QUANT = ("nf4", "fp4", "int8", "none")  # what a base can be loaded as; non
 TRAIN_QUANT = ("auto",) + BASE_QUANT
 TRAIN_METHODS = ("lora", "dora", "vera")  # sdlora.adapters.registry.trainable_methods(), without torch
 UNET_PRESETS = ("attn", "linear", "all")  # which UNet layers get adapters (sdlora.inject.unet_targets)
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+# adamw8bit/paged: bitsandbytes; prodigy, adamw_schedulefree, adafactor, came: their own packages
+# (sdlora/training/optimizers.py)
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "prodigy", "adamw_schedulefree", "adafactor", "came")
 LR_SCHEDULES = ("constant", "cosine")  # both after the warm-up
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts: the noise, or the velocity v

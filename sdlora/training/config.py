@@ -124,7 +124,9 @@ class TrainConfig:
                                    "channel (pictures without one learn everywhere)")
     skip_bad_images: bool = _opt(False, "skip unreadable pictures and missing captions")
     optimizer: str = _opt("adamw", "8-bit and paged AdamW come from bitsandbytes (paged needs CUDA; a warning "
-                                   "says what runs)", choices=OPTIMIZERS)
+                                   "says what runs); prodigy (lr 1.0: it finds the step size), adamw_schedulefree "
+                                   "(constant schedule), adafactor and came from their packages",
+                          choices=OPTIMIZERS)
     lr_schedule: str = _opt("constant", "learning-rate schedule after the warm-up", choices=LR_SCHEDULES)
     ema_decay: float | None = _opt(None, "write the adapter's exponential moving average, e.g. 0.999")
     validation_prompts: tuple[str, ...] = _opt((), "repeatable; OUT_DIR/samples/step-N.png shows each without and "
@@ -166,6 +168,9 @@ class TrainConfig:
             (self.checkpoint_every >= 0, "checkpoint_every", "0 (none) or more"),
             (self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS)),
             (self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(LR_SCHEDULES)),
+            # Schedule-free AdamW averages its iterates in place of a decay; a warm-up still applies.
+            (self.optimizer != "adamw_schedulefree" or self.lr_schedule == "constant", "lr_schedule",
+             "constant with adamw_schedulefree (its average replaces the decay; --warmup-steps still applies)"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "in (0, 1), or unset"),
             (self.validate_every >= 0 and self.validation_seeds >= 1, "validate_every", "0 or more"),
             (0 <= self.validation_split < 1, "validation_split", "in [0, 1)"),

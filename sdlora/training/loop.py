@@ -24,6 +24,7 @@ from .config import TrainConfig
 from .data import process_caption
 from .distributed import local_rows, sum_gradients, sum_over_processes
 from .logs import TrainLog
+from .optimizers import eval_mode, train_mode
 from .loss import noise_like, training_loss
 from .resume import history
 from .setup import Run, enable_unet_checkpointing, lr_factor, setup_run  # noqa: F401 (re-exported: tests, bench)
@@ -156,6 +157,7 @@ def _checkpoint(run: Run) -> None:
 def _finish(run: Run, t0: float) -> TrainResult:
     """The EMA into the adapter (if any), the last validation, and the adapter file with its summary."""
     cfg = run.cfg
+    eval_mode(run.optimizer)  # schedule-free AdamW: the adapter written and validated is its average x
     if run.ema:
         with torch.no_grad():
             for key, e in run.ema.items():
@@ -194,6 +196,9 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
                  (lambda msg: None))
     if cfg.resume:
         _resume(run)
+    # Schedule-free AdamW steps at y. Checkpoints hold y and its z as they are: a switch to x and back rounds,
+    # so writing them would move the run; a resume continues the same path.
+    train_mode(run.optimizer)
     pipe = run.base.pipe
     pipe.unet.train()
     pipe.text_encoder.train(cfg.text_encoder)
@@ -213,7 +218,9 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None, should_stop=Non
         if should_stop and should_stop():
             break
         if cfg.validate_every and run.step % cfg.validate_every == 0 and run.step < cfg.steps:
+            eval_mode(run.optimizer)  # schedule-free AdamW: validate its average x, then step on from y
             _validate(run, run.step)
+            train_mode(run.optimizer)
         if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
             _checkpoint(run)
     bar.close()

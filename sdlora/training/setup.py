@@ -23,7 +23,7 @@ from .checkpoint import latest_checkpoint
 from .config import TrainConfig
 from .data import BucketSampler, preflight, sdxl_time_ids, training_samples
 from .latents import cache_latents, cache_masks, training_buckets
-from .optimizers import make_optimizer
+from .optimizers import PACKAGES, make_optimizer, optimizer_class
 from .quant_auto import training_quant
 from .resume import check_resumable, clear_temporaries, usable_checkpoint
 from .text_cache import TextEmbeddings
@@ -146,6 +146,8 @@ def setup_run(cfg: TrainConfig, say=lambda msg: None) -> Run:
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     _check_out_dir(cfg, out_dir, ckpt_dir)
+    if cfg.optimizer in PACKAGES:  # a missing optional package is said before the long part
+        optimizer_class(cfg.optimizer)
     accelerator, precision = _accelerator(cfg)
     torch.manual_seed(cfg.seed)
     items = preflight(cfg.data_dir, skip_bad=cfg.skip_bad_images)
