@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from sdlora.pipelines import load_base

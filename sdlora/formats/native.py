@@ -10,7 +10,7 @@ import torch
 
 from ..adapters.registry import method_class
 from ..errors import SdloraError
-from .adapter import AdapterFile, ModuleWeights, scalar
+from .adapter import AdapterFile, scalar
 
 FORMAT_VERSION = "1"
 

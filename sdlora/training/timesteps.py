@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ..choices import TIMESTEP_SAMPLINGS as SAMPLINGS  # noqa: F401  (the names, for callers)
-
 
 def sample_timesteps(n: int, num_train: int, gen: torch.Generator, sampling: str = "uniform", mean: float = 0.0,
                      std: float = 1.0, shift: float = 1.0, lo: int = 0, hi: int | None = None) -> torch.Tensor:
