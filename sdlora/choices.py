@@ -8,7 +8,7 @@ QUANT_MODES = ("nf4", "fp4", "int8")  # bitsandbytes quantizations of a frozen b
 BASE_QUANT = ("nf4", "fp4", "int8", "none")  # what a base can be loaded as; none: float
 # Training adds "auto": NF4 for real bases, float for tiny ones (sdlora.training.quant_auto).
 TRAIN_QUANT = ("auto",) + BASE_QUANT
-TRAIN_METHODS = ("lora", "dora", "vera")  # sdlora.adapters.registry.trainable_methods(), without torch
+TRAIN_METHODS = ("lora", "dora", "vera", "loha", "lokr")  # sdlora.adapters.registry.trainable_methods(), without torch
 UNET_PRESETS = ("attn", "linear", "all")  # which UNet layers get adapters (sdlora.inject.unet_targets)
 # adamw8bit/paged: bitsandbytes; prodigy, adamw_schedulefree, adafactor, came: their own packages
 # (sdlora/training/optimizers.py)

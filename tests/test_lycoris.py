@@ -53,12 +53,17 @@ def test_loha_and_lokr_apply_their_dense_deltas(tmp_path):
     assert torch.allclose(fused, reference.pipe.unet.get_submodule(LINEAR.split("/", 1)[1]).weight, atol=1e-6)
 
 
-def test_lycoris_becomes_a_lora_by_resize_and_only_then_exports(tmp_path):
+def test_lycoris_exports_in_its_layout_or_as_a_lora_by_resize(tmp_path):
     base = load_base("embedded")
     path, deltas = _file(tmp_path, base)
     af = read_adapter_file(path, base)
-    with pytest.raises(SdloraError, match="sdlora resize FILE --rank R"):
-        write_adapter_file(af, tmp_path / "x.safetensors", "kohya", base)
+    with pytest.raises(SdloraError, match="--format kohya"):  # PEFT files have no LoHa/LoKr form
+        write_adapter_file(af, tmp_path / "x.safetensors", "diffusers", base)
+    for fmt in ("kohya",):  # its LyCORIS parts written back: the same deltas on reading
+        again = read_adapter_file(write_adapter_file(af, tmp_path / f"{fmt}.safetensors", fmt, base), base)
+        for key, want in deltas.items():
+            assert again.modules[key].method == af.modules[key].method
+            torch.testing.assert_close(again.modules[key].dense.reshape(want.shape), want, atol=1e-6, rtol=0)
     lora, report = resize(af, rank=96)  # full rank: exact
     assert report.relative_error < 1e-6
     out = write_adapter_file(lora, tmp_path / "lora.safetensors", "kohya", base)

@@ -11,6 +11,8 @@ from ..errors import SdloraError
 from .base import Adapter
 from .delta import DeltaAdapter
 from .dora import DoraAdapter
+from .loha import LohaAdapter
+from .lokr import LokrAdapter
 from .lora import LoraAdapter
 from .vera import VeraAdapter
 
@@ -18,9 +20,9 @@ METHODS: dict[str, type[Adapter]] = {
     "lora": LoraAdapter,  # LoRA on linear layers, LoCon on convolutions
     "dora": DoraAdapter,
     "vera": VeraAdapter,
-    "delta": DeltaAdapter,  # a dense delta: how LyCORIS LoHa and LoKr modules load
-    "loha": DeltaAdapter,
-    "lokr": DeltaAdapter,
+    "loha": LohaAdapter,  # LyCORIS's LoHa, trained or read from its kohya-layout files
+    "lokr": LokrAdapter,  # LyCORIS's LoKr, likewise
+    "delta": DeltaAdapter,  # a dense delta W0's shape: what LoHa/LoKr modules without their parts load as
 }
 
 

@@ -57,7 +57,8 @@ class AdapterFile:
     extra_metadata: dict = field(default_factory=dict)  # metadata we read but do not interpret
 
     def dense_modules(self) -> list[str]:
-        return [k for k, m in self.modules.items() if m.dense is not None]
+        """Modules held only as a dense delta (no parts of their method to write back)."""
+        return [k for k, m in self.modules.items() if m.dense is not None and not m.parts]
 
     def roles(self) -> list[str]:
         return sorted({k.split("/", 1)[0] for k in self.modules})

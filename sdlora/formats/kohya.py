@@ -85,6 +85,10 @@ def to_state_dict(af: AdapterFile, table: dict[str, str], family: str | None, ti
         if key not in table:
             raise SdloraError(f"module '{key}' has no kohya name on a {family} base", "export for the base it was trained on")
         name = table[key]
+        if m.down is None:  # LoHa / LoKr: LyCORIS's parts, and the alpha its reader divides by its rank
+            tensors.update({f"{name}.{part}": t for part, t in m.parts.items()})
+            tensors[f"{name}.alpha"] = torch.tensor(float(_lycoris_alpha(m)))
+            continue
         tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = m.down, m.up
         tensors[f"{name}.alpha"] = torch.tensor(float(m.alpha))
         if m.magnitude is not None:
@@ -97,6 +101,7 @@ def to_state_dict(af: AdapterFile, table: dict[str, str], family: str | None, ti
         "ss_network_dim": str(first.rank),
         "ss_network_alpha": f"{first.alpha:g}",
         "ss_network_args": json.dumps({"algo": "lora", "dora_wd": True} if dora else {}),
+        **_lycoris_network(af),
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.implementation": "sdlora",
@@ -118,6 +123,29 @@ def to_state_dict(af: AdapterFile, table: dict[str, str], family: str | None, ti
     return tensors, metadata
 
 
+def _lycoris_alpha(m: ModuleWeights) -> float:
+    """The alpha LyCORIS's readers turn back into this module's scale: scale * its rank (1 * anything when both
+    LoKr factors are whole, where readers ignore alpha; LyCORIS itself stores the rank then)."""
+    from ..adapters.factored import lokr_rank
+
+    rank = m.parts["hada_w1_b"].shape[0] if m.method == "loha" else lokr_rank(m.parts)
+    return m.scale * rank if rank is not None else float(max(1, min(m.parts["lokr_w2"].shape[:2])))
+
+
+def _lycoris_network(af: AdapterFile) -> dict:
+    """kohya metadata as LyCORIS's kohya network writes it, for a file of LoHa or LoKr modules."""
+    methods = {m.method for m in af.modules.values() if m.down is None}
+    if not methods:
+        return {}
+    algo = "lokr" if "lokr" in methods else "loha"
+    args = {"algo": algo, **{k: af.config[k] for k in ("factor", "decompose_both", "full_matrix")
+                             if algo == "lokr" and k in af.config}}
+    rank, alpha = af.config.get("rank"), af.config.get("alpha")
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args),
+            **({"ss_network_dim": str(rank)} if rank else {}),
+            **({"ss_network_alpha": f"{float(alpha if alpha is not None else rank):g}"} if rank else {})}
+
+
 def refuse_dense(af: AdapterFile) -> None:
     dense = af.dense_modules()
     if dense:
@@ -131,6 +159,10 @@ def refuse_unportable(af: AdapterFile, layout: str) -> None:
     from ..adapters.registry import method_class
 
     refuse_dense(af)
+    lycoris = [k for k, m in af.modules.items() if getattr(method_class(m.method, k), "lycoris", False)]
+    if lycoris and layout != "kohya":
+        raise SdloraError(f"{af.modules[lycoris[0]].method} module(s) ({lycoris[0]}) have no {layout} (PEFT LoRA) form",
+                          "export with --format kohya (LyCORIS's layout, which A1111 and ComfyUI read) or sdlora")
     bad = [k for k, m in af.modules.items() if not method_class(m.method, k).portable]
     if bad:
         raise SdloraError(f"{af.modules[bad[0]].method} module(s) ({bad[0]}) have no {layout} form",
@@ -170,11 +202,10 @@ def from_state_dict(tensors: dict, metadata: dict, inverse_table: dict[str, str]
             parts.setdefault(name, {})[lyco or _PARTS[part]] = t
     modules = {}
     for name, p in parts.items():
-        kinds = {k.split("_")[0] for k in p if k.startswith(_LYCORIS)}
-        if kinds:
-            from .lycoris import loha_delta, lokr_delta
+        if any(k.startswith(_LYCORIS) for k in p):
+            from .lycoris import lycoris_module
 
-            flat = loha_delta(p, name, path) if "hada" in kinds else lokr_delta(p, name, path)
+            method, scale, lyco, flat = lycoris_module(p, name, path)
             key = inverse_table[name]
             shape = (weight_shapes or {}).get(key)
             dense = flat.reshape(shape) if shape is not None and flat.numel() == torch.Size(shape).numel() else flat
@@ -182,7 +213,7 @@ def from_state_dict(tensors: dict, metadata: dict, inverse_table: dict[str, str]
                 kernel = conv_kernel_of(name)
                 if kernel and flat.shape[1] % (kernel[0] * kernel[1]) == 0:
                     dense = flat.reshape(flat.shape[0], -1, *kernel)
-            modules[key] = ModuleWeights("loha" if "hada" in kinds else "lokr", None, None, 1.0, dense=dense)
+            modules[key] = ModuleWeights(method, None, None, scale, lyco, dense=dense)
             continue
         if "down" not in p or "up" not in p:
             raise SdloraError(f"{path}: module '{name}' lacks lora_down or lora_up", "re-export the adapter")

@@ -50,6 +50,10 @@ class TrainConfig:
     rank: int = _opt(16, "adapter rank")
     alpha: float | None = _opt(None, "updates are scaled by alpha / rank (default: alpha = rank)",
                                 show_default=False)
+    factor: int = _opt(-1, "LoKr: split each layer side as factor x rest where it divides (-1: as square as it "
+                           "divides); smaller factors put more of the update in the low-rank w2")
+    decompose_both: bool = _opt(False, "LoKr: make the small Kronecker factor w1 low-rank too (fewer parameters)")
+    full_matrix: bool = _opt(False, "LoKr: keep w2 whole, no low rank (the most parameters; alpha is unused)")
     targets: str = _opt("all", "UNet layers: attention projections, every transformer linear, or those plus the "
                                 "ResNet and sampler convolutions", choices=UNET_PRESETS)
     block_rank: str | None = _opt(None, "rank per UNet block, e.g. 'down=4, up=8, IN05=16' (blocks as a mix names "
@@ -189,6 +193,9 @@ class TrainConfig:
             (self.quant in TRAIN_QUANT, "quant", " or ".join(TRAIN_QUANT)),
             (self.method in TRAIN_METHODS, "method", " or ".join(TRAIN_METHODS)),
             (self.targets in UNET_PRESETS, "targets", " or ".join(UNET_PRESETS)),
+            (self.factor == -1 or self.factor >= 1, "factor", "-1 (automatic) or a whole number of at least 1"),
+            (self.method == "lokr" or (self.factor == -1 and not self.decompose_both and not self.full_matrix),
+             "method", "lokr when factor, decompose_both or full_matrix is set (they shape LoKr adapters only)"),
             (self.resolution is None or (len(self.resolution) >= 1 and len(set(self.resolution)) == len(self.resolution)
                                          and all(isinstance(r, int) and r >= 8 and r % 8 == 0 for r in self.resolution)),
              "resolution", "multiples of 8, each once"),

@@ -216,7 +216,8 @@ def add_training_adapter(cfg: TrainConfig, base, encoder_lrs: dict[str, float]) 
     plan = BlockPlan.of(cfg, sdxl=base.family == "sdxl")
     if plan.active:
         plan.check_names({region_of("unet", n) for n in every_layer(base.pipe.unet)})
-    adapter_cfg = AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    adapter_cfg = AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, factor=cfg.factor,
+                                decompose_both=cfg.decompose_both, full_matrix=cfg.full_matrix)
     base.add_adapter(cfg.name, adapter_cfg, targets=cfg.targets, text_encoder=tuple(encoder_lrs),
                      rank_of=plan.rank_of if plan.active else None)
     return plan
