@@ -7,7 +7,6 @@ anywhere, 1 when both are whole (LyCORIS then ignores alpha).
 
 from __future__ import annotations
 
-
 import torch
 
 from .factored import lokr_rank, lokr_shapes, lokr_weight
@@ -45,5 +44,3 @@ class LokrAdapter(FactoredAdapter):
 def shapes_as_parts(shapes: dict[str, tuple[int, ...]]) -> dict:
     """Empty stand-ins with the shapes, for the rules that look only at the parts' shapes."""
     return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-
-
