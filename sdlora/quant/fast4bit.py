@@ -50,14 +50,13 @@ def _absmax(bnb, state) -> torch.Tensor:
     the 8-bit absmax tensor and its version, so a state whose constants change is dequantized again."""
     if not state.nested:
         return state.absmax.float() if state.absmax.dtype != torch.float32 else state.absmax
-    key = (id(state.absmax), state.absmax._version, state.absmax.data_ptr())
-    cached = getattr(state, "_sdlora_absmax", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    cached = getattr(state, "_sdlora_absmax", None)  # (8-bit absmax it came from, its version, fp32 absmax)
+    if cached is not None and cached[0] is state.absmax and cached[1] == state.absmax._version:
+        return cached[2]
     absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2)  # as dequantize_4bit does
     absmax += state.offset
     absmax = absmax.float()
-    state._sdlora_absmax = (key, absmax)
+    state._sdlora_absmax = (state.absmax, state.absmax._version, absmax)
     return absmax
 
 
@@ -76,16 +75,20 @@ def _kernel(bnb, packed: torch.Tensor, state, dtype: torch.dtype):
 def dequantize_scratch(bnb, packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
     """The weight `state.shape` in `dtype`, as bitsandbytes.functional.dequantize_4bit(packed,
     state).to(dtype) has it, in this thread's scratch buffer: valid until this thread's next call."""
-    fn = _kernel(bnb, packed, state, dtype)
+    fn = _kernel(bnb, packed, state, state.dtype)
     if fn is None:
         return bnb.functional.dequantize_4bit(packed, state).to(dtype)
     shape = tuple(state.shape)
     n = shape[-1]
     m = prod(shape[:-1]) if len(shape) > 1 else 1
-    out = _buffer(m * n, dtype, packed.device)
+    # In the stored dtype first, as dequantize_4bit: a bf16-stored weight dequantized straight to fp32
+    # would be more precise than bitsandbytes' values, so not theirs.
+    out = _buffer(m * n, state.dtype, packed.device)
     absmax = _absmax(bnb, state)
     fn(ct.c_void_p(packed.data_ptr()), ct.c_void_p(absmax.data_ptr()), ct.c_void_p(out.data_ptr()),
        ct.c_longlong(state.blocksize), ct.c_longlong(m), ct.c_longlong(n))
+    if dtype != state.dtype:  # .to(dtype), into the buffer of that dtype
+        out = _buffer(m * n, dtype, packed.device).copy_(out)
     return out.view(shape)
 
 
