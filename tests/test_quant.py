@@ -263,6 +263,7 @@ def test_quant_linear_computes_what_bitsandbytes_linear4bit_computes(compute_dty
     ref = ref.to("cpu")
     ref.support_avx512bf16_for_cpu = False
     assert type(ours) is not bnb.nn.Linear4bit and torch.equal(ours.weight.data, ref.weight.data)
+    assert type(quantize_linear(lin, quant_type, bnb_forward=True)) is bnb.nn.Linear4bit  # the bench's reference
     x = torch.randn(3, 5, 96)
     outs, grads = [], []
     for layer in (ours, ref):
