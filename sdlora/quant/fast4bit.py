@@ -1,14 +1,14 @@
 """Faster 4-bit dequantization on the CPU, for the frozen layers' forward and backward passes.
 
 bitsandbytes' dequantize_4bit, called at every forward and again in every backward, spends much
-of its time around its kernel: it dequantizes the double-quantized absmax (one fp32 per 64-weight
-block) again at each call, and allocates a fresh output (59 MB for a 1280x1280x3x3 conv in fp32,
-page-faulted anew each time). Here the same CPU kernel of bitsandbytes' native library writes
-into a scratch buffer that is reused, and the absmax is dequantized once per quant state. The
+of its time around its kernel: it allocates a fresh output (59 MB for a 1280x1280x3x3 conv in fp32,
+page-faulted anew each time, as allocations that large go straight to the system) and a fresh absmax
+(one fp32 per 64-weight block, from the double-quantized constants), through the op dispatcher. Here
+the same CPU kernels of bitsandbytes' native library write into scratch buffers that are reused. The
 values are bitsandbytes' own, bit for bit (tests/test_quant.py checks them against dequantize_4bit).
 
-The scratch buffer is one per thread, device and dtype, shared by all layers and grown to the
-largest: the calls of one thread run one after another, and every caller below uses the buffer
+The scratch buffers are per thread, role (weight or absmax), device and dtype, shared by all layers
+and grown to the largest: the calls of one thread run one after another, and every caller below uses the buffer
 only within one call (F.conv2d / F.linear / matmul read it; nothing keeps it). So layers may run
 in several threads at once (the web server's generations), at one buffer per thread. Do not hand
 the result of `dequantize_scratch` to anything that keeps it: `dequantized_weight` stays on
@@ -35,29 +35,34 @@ _KERNELS = {("nf4", torch.float32): "cdequantize_blockwise_cpu_nf4_fp32",
             ("fp4", torch.float16): "cdequantize_blockwise_cpu_fp4_fp16"}
 
 
-def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _buffer(numel: int, dtype: torch.dtype, device: torch.device, role: str = "weight") -> torch.Tensor:
     buffers = getattr(_scratch, "buffers", None)
     if buffers is None:
         buffers = _scratch.buffers = {}
-    buf = buffers.get((device, dtype))
+    buf = buffers.get((role, device, dtype))
     if buf is None or buf.numel() < numel:
-        buf = buffers[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+        buf = buffers[(role, device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
 def _absmax(bnb, state) -> torch.Tensor:
-    """The fp32 absmax per block (blocks,), dequantized once per state: kept on the state, keyed by
-    the 8-bit absmax tensor and its version, so a state whose constants change is dequantized again."""
+    """The fp32 absmax per block (blocks,). Double-quantized, it is dequantized again at each call, as
+    dequantize_4bit does (the same kernel, the same offset added), but into a scratch buffer of its own:
+    kept per layer it would add 2 bits per weight (an fp32 per 64 weights) to a base held in about 4.1."""
     if not state.nested:
-        return state.absmax.float() if state.absmax.dtype != torch.float32 else state.absmax
-    cached = getattr(state, "_sdlora_absmax", None)  # (8-bit absmax it came from, its version, fp32 absmax)
-    if cached is not None and cached[0] is state.absmax and cached[1] == state.absmax._version:
-        return cached[2]
-    absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2)  # as dequantize_4bit does
-    absmax += state.offset
-    absmax = absmax.float()
-    state._sdlora_absmax = (state.absmax, state.absmax._version, absmax)
-    return absmax
+        return state.absmax if state.absmax.dtype == torch.float32 else state.absmax.float()
+    s2, q = state.state2, state.absmax  # q: (blocks,) uint8 indices into s2.code, one fp32 s2.absmax per 256
+    fn = getattr(bnb.functional.lib, "cdequantize_blockwise_cpu_fp32", None)
+    if fn is None or s2.dtype != torch.float32 or q.dtype != torch.uint8 or not q.is_contiguous():
+        absmax = bnb.functional.dequantize_blockwise(q, s2)
+        absmax += state.offset
+        return absmax.float()
+    out = _buffer(q.numel(), torch.float32, q.device, "absmax")
+    code = s2.code.to(q.device, torch.float32).contiguous()
+    fn(ct.c_void_p(code.data_ptr()), ct.c_void_p(q.data_ptr()), ct.c_void_p(s2.absmax.data_ptr()),
+       ct.c_void_p(out.data_ptr()), ct.c_longlong(s2.blocksize), ct.c_longlong(q.numel()))
+    out += state.offset
+    return out
 
 
 def _kernel(bnb, packed: torch.Tensor, state, dtype: torch.dtype):
