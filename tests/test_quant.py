@@ -215,3 +215,117 @@ def test_sd15_text_encoder_in_nf4_is_under_5_bits_token_table_included():
 
     back = float_state_dict(float_te)["embeddings.token_embedding.weight"]  # what bake and export write
     assert back.shape == (49408, 768) and float((back - table).norm() / table.norm()) < 0.12
+
+
+def _bnb():
+    from sdlora.quant import bitsandbytes
+
+    return bitsandbytes()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_scratch_dequantize_equals_bitsandbytes_bit_for_bit(quant_type, double_quant, stored):
+    """quant.fast4bit calls bitsandbytes' CPU kernel itself; its values are dequantize_4bit's, then .to(dtype),
+    for weights stored in fp32 or bf16, in fp32 and bf16 compute, with sizes off the 64-weight blocks
+    ((33, 70): 2310 weights) and an odd row length (bitsandbytes' generic road, taken by both)."""
+    from sdlora.quant import fast4bit
+
+    bnb = _bnb()
+    torch.manual_seed(0)
+    for shape in ((33, 70), (48, 64), (5, 37)):
+        w = (torch.randn(shape) * 0.05).to(stored)
+        p = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant).to("cpu")
+        for dtype in (torch.float32, torch.bfloat16):
+            expected = bnb.functional.dequantize_4bit(p.data, p.quant_state).to(dtype)
+            assert (fast4bit._kernel(bnb, p.data, p.quant_state, stored) is None) == (shape[-1] % 2 == 1)
+            for _ in range(2):  # the second call reuses the buffers
+                got = fast4bit.dequantize_scratch(bnb, p.data, p.quant_state, dtype)
+                assert got.dtype == dtype and got.shape == shape and torch.equal(got, expected)
+    if double_quant:  # the absmax went through bitsandbytes' kernel into its buffer too
+        assert any(key[0] == "absmax" for key in fast4bit._scratch.buffers)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_quant_linear_computes_what_bitsandbytes_linear4bit_computes(compute_dtype, quant_type, double_quant):
+    """The output and the input's gradient of our Linear layer equal bitsandbytes' Linear4bit holding the
+    same weight, bit for bit, in training and without gradients; the base gets no gradient."""
+    from sdlora.quant import quantize_linear
+
+    bnb = _bnb()
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 70)
+    ours = quantize_linear(lin, quant_type, double_quant, compute_dtype)
+    ref = bnb.nn.Linear4bit(96, 70, compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type)
+    ref.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type=quant_type,
+                                   compress_statistics=double_quant)
+    ref.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    ref = ref.to("cpu")
+    ref.support_avx512bf16_for_cpu = False
+    assert type(ours) is not bnb.nn.Linear4bit and torch.equal(ours.weight.data, ref.weight.data)
+    assert type(quantize_linear(lin, quant_type, bnb_forward=True)) is bnb.nn.Linear4bit  # the bench's reference
+    x = torch.randn(3, 5, 96)
+    outs, grads = [], []
+    for layer in (ours, ref):
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        (out.float() * torch.linspace(-1, 1, 70)).sum().backward()
+        with torch.no_grad():
+            outs += [out, layer(x)]
+        grads.append(xi.grad)
+    assert all(torch.equal(outs[0], o) for o in outs[1:]) and torch.equal(grads[0], grads[1])
+    assert ours.weight.grad is None and ours.bias.grad is None
+
+
+def test_the_scratch_buffer_is_never_what_a_caller_keeps():
+    """Layers share one dequantization buffer per thread: outputs, gradients and dequantized_weight are
+    their own tensors, unchanged when other layers (or other threads) overwrite the buffer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdlora.quant import fast4bit, quantize_linear
+
+    torch.manual_seed(0)
+    convs = [QuantConv2d(nn.Conv2d(16, 16, 3, padding=1)) for _ in range(2)]
+    lins = [quantize_linear(nn.Linear(64, 64), "nf4") for _ in range(2)]
+    xc, xl = torch.randn(2, 16, 6, 6), torch.randn(4, 64)
+    with torch.no_grad():
+        first = [convs[0](xc), lins[0](xl)]
+    kept = [t.clone() for t in first]
+    w0 = dequantized_weight(lins[0])
+    w0_kept = w0.clone()
+    xg = xl.clone().requires_grad_()
+    lins[0](xg).sum().backward()
+    grad_kept = xg.grad.clone()
+    with torch.no_grad():
+        convs[1](xc), lins[1](xl)  # overwrite the buffer
+    buffers = [b.untyped_storage().data_ptr() for b in fast4bit._scratch.buffers.values()]
+    for t in first + [w0, xg.grad]:
+        assert t.untyped_storage().data_ptr() not in buffers
+    assert all(torch.equal(a, b) for a, b in zip(first + [w0, xg.grad], kept + [w0_kept, grad_kept]))
+    assert dequantized_weight(lins[0]).data_ptr() != w0.data_ptr()
+
+    def run(i):  # two threads, each through both layer kinds many times: each has its own buffer
+        with torch.no_grad():
+            return all(torch.equal(convs[0](xc), kept[0]) and torch.equal(lins[0](xl), kept[1]) for _ in range(20))
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(run, range(4)))
+
+
+def test_a_replaced_4bit_weight_is_dequantized_afresh():
+    """The absmax is read from the quant state at each call (into a scratch buffer, never kept per
+    layer): a layer given another quantized weight, or whose constants are edited in place, computes with them."""
+    from sdlora.quant import quantize_linear
+
+    torch.manual_seed(0)
+    a, b = (quantize_linear(nn.Linear(64, 32), "nf4") for _ in range(2))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        before, expected = a(x), b(x)
+        a.weight, a.bias = b.weight, b.bias
+        assert torch.equal(a(x), expected) and not torch.equal(before, expected)
+        a.weight.quant_state.absmax.copy_(torch.flip(a.weight.quant_state.absmax, [0]))  # constants edited in place
+        w = dequantized_weight(a)
+        assert torch.equal(a(x), nn.functional.linear(x, w, a.bias))

@@ -14,12 +14,13 @@ from .memory import QuantReport, float_param_count, report, resident_bytes
 
 def quantize_model(model: nn.Module, mode: str = "nf4", *, double_quant: bool = True, convs: bool = True,
                    compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   min_features: int = 16, embeddings: bool = True) -> QuantReport:
+                   min_features: int = 16, embeddings: bool = True, bnb_forward: bool = False) -> QuantReport:
     """Replace the model's Linear layers (and with convs=True its Conv2d layers, in NF4; with embeddings=True
     its token tables, in 4 bits) in place (quant.layers.quantize_layers says how) and report the layers
-    replaced and the bytes held."""
+    replaced and the bytes held. bnb_forward=True keeps bitsandbytes' own Linear4bit forward (see quantize_linear)."""
     counts = quantize_layers(model, mode, double_quant=double_quant, convs=convs, compute_dtype=compute_dtype,
-                             device=device, min_features=min_features, embeddings=embeddings)
+                             device=device, min_features=min_features, embeddings=embeddings,
+                             bnb_forward=bnb_forward)
     return report(model, *counts)
 
 

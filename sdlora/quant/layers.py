@@ -1,7 +1,8 @@
 """Quantized base layers through bitsandbytes; the only module of sdlora that imports it.
 
-Linear layers become bitsandbytes Linear4bit (NF4 or FP4, optionally double-quantized: the
-per-block absmax constants are themselves quantized to 8 bits) or Linear8bitLt (int8, one scale
+Linear layers become QuantLinear4bit, a bitsandbytes Linear4bit whose CPU forward dequantizes through
+quant.fast4bit (NF4 or FP4, optionally double-quantized: the per-block absmax constants are themselves
+quantized to 8 bits), or Linear8bitLt (int8, one scale
 per output row). Beyond what the peers do, Conv2d layers can become NF4 too (QuantConv2d: the
 weight is stored as NF4 and dequantized on the fly for each call), since convolutions hold most
 of an SD UNet's weights. bitsandbytes quantizes a parameter when it is moved with .to(device).
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..choices import QUANT_MODES
 from ..errors import SdloraError
+from .fast4bit import dequantize_scratch, linear_class
 
 
 def _bnb():
@@ -40,7 +42,7 @@ class _FrozenQuantConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer, dtype):
-        w = layer.dequantize().to(dtype)  # (out, in, kh, kw)
+        w = layer.dequantize_scratch(dtype)  # (out, in, kh, kw)
         b = None if layer.bias is None else layer.bias.to(dtype)
         ctx.layer, ctx.dtype, ctx.x_shape = layer, dtype, x.shape
         return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation)
@@ -48,7 +50,7 @@ class _FrozenQuantConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         layer = ctx.layer
-        w = layer.dequantize().to(ctx.dtype)
+        w = layer.dequantize_scratch(ctx.dtype)
         grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, grad_out.to(ctx.dtype), layer.stride, layer.padding,
                                             layer.dilation)
         return grad_x, None, None
@@ -79,11 +81,17 @@ class QuantConv2d(nn.Module):
         flat = bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
         return flat.reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
+    def dequantize_scratch(self, dtype: torch.dtype) -> torch.Tensor:
+        """dequantize().to(dtype), bit for bit, in this thread's scratch buffer (quant.fast4bit): for
+        one conv call only, never to be kept."""
+        flat = dequantize_scratch(_bnb(), self.weight.data, self.weight.quant_state, dtype)
+        return flat.view(self.out_channels, self.in_channels, *self.kernel_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype if x.dtype == torch.float32 else x.dtype
         if torch.is_grad_enabled() and x.requires_grad:  # training through the layer: see _FrozenQuantConv
             return _FrozenQuantConv.apply(x.to(dtype), self, dtype).to(x.dtype)
-        w = self.dequantize().to(dtype)
+        w = self.dequantize_scratch(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
         return F.conv2d(x.to(dtype), w, b, self.stride, self.padding, self.dilation).to(x.dtype)
 
@@ -126,11 +134,15 @@ def quantize_embedding(layer: nn.Embedding, mode: str, double_quant: bool = True
 
 
 def quantize_linear(layer: nn.Linear, mode: str, double_quant: bool = True,
-                    compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+                    compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    bnb_forward: bool = False) -> nn.Module:
+    """bnb_forward=True: a plain Linear4bit with bitsandbytes' own forward, as diffusers builds it (the
+    bench's reference); otherwise QuantLinear4bit, the same values faster on the CPU."""
     bnb = _bnb()
     has_bias = layer.bias is not None
     if mode in ("nf4", "fp4"):
-        q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=has_bias, compute_dtype=compute_dtype,
+        cls = bnb.nn.Linear4bit if bnb_forward else linear_class(bnb)
+        q = cls(layer.in_features, layer.out_features, bias=has_bias, compute_dtype=compute_dtype,
                               compress_statistics=double_quant, quant_type=mode)
         q.weight = _params4bit(layer.weight, mode, double_quant)
         # On AVX512-BF16 CPUs bitsandbytes repacks the weight in place at the first eval-mode call,
@@ -220,7 +232,7 @@ def float_state_dict(model: nn.Module, replace: dict[str, torch.Tensor] | None =
 
 def quantize_layers(model: nn.Module, mode: str = "nf4", *, double_quant: bool = True, convs: bool = True,
                     compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    min_features: int = 16, embeddings: bool = True) -> tuple[int, int, int]:
+                    min_features: int = 16, embeddings: bool = True, bnb_forward: bool = False) -> tuple[int, int, int]:
     """Replace the model's Linear layers (and, with convs=True, the default as in Base.quantize, its
     Conv2d layers) in place. bitsandbytes has no int8 convolution: with mode int8 the convolutions are
     quantized in NF4, and a warning says so.
@@ -250,7 +262,7 @@ def quantize_layers(model: nn.Module, mode: str = "nf4", *, double_quant: bool =
         if small:
             continue
         if isinstance(m, nn.Linear):
-            q = quantize_linear(m, mode, double_quant, compute_dtype, device)
+            q = quantize_linear(m, mode, double_quant, compute_dtype, device, bnb_forward)
             n_lin += 1
         else:
             q = QuantConv2d(m, "nf4" if mode == "int8" else mode, double_quant, compute_dtype, device)

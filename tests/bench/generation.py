@@ -53,7 +53,7 @@ def run(machine: str, runs: int = 5) -> list[Row]:
     _, mixer_nf4 = adapters.ours(ours_nf4, "attn", NAMES)
     ref_float = adapters.reference(copy.deepcopy(pristine), "attn", NAMES)
     ref_nf4 = copy.deepcopy(pristine)
-    quantize_model(ref_nf4, "nf4", convs=False)
+    quantize_model(ref_nf4, "nf4", convs=False, bnb_forward=True)  # bitsandbytes' own Linear4bit, as diffusers
     adapters.reference(ref_nf4, "attn", NAMES)
     rows: list[Row] = []
 

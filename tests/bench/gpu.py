@@ -96,7 +96,8 @@ def _train_step(impl: str, quant: str):
 
     unet = sd15_unet(torch.bfloat16)
     if quant == "nf4":
-        quantize_model(unet, "nf4", convs=impl == "ours", compute_dtype=torch.bfloat16, device="cuda")
+        quantize_model(unet, "nf4", convs=impl == "ours", compute_dtype=torch.bfloat16, device="cuda",
+                       bnb_forward=impl != "ours")
     unet.cuda()
     if impl == "ours":
         layers, mixer = adapters.ours(unet, "attn", ["a"], std=0.0)

@@ -38,7 +38,8 @@ def build(impl: str, quant: str, targets: str, arch: str = "sd15", checkpointing
 
     unet = sdxl_unet() if arch == "sdxl" else sd15_unet()
     if quant == "nf4":
-        quantize_model(unet, "nf4", convs=impl == "ours")  # the reference: NF4 on linear layers, as diffusers
+        # the reference: NF4 on linear layers with bitsandbytes' own Linear4bit forward, as diffusers
+        quantize_model(unet, "nf4", convs=impl == "ours", bnb_forward=impl != "ours")
     if impl == "ours":
         layers, mixer = adapters.ours(unet, targets, ["a"], std=0.0)
         params = adapter_parameters(layers, "a")

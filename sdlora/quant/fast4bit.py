@@ -1,0 +1,147 @@
+"""Faster 4-bit dequantization on the CPU, for the frozen layers' forward and backward passes.
+
+bitsandbytes' dequantize_4bit, called at every forward and again in every backward, spends much
+of its time around its kernel: it allocates a fresh output (59 MB for a 1280x1280x3x3 conv in fp32,
+page-faulted anew each time, as allocations that large go straight to the system) and a fresh absmax
+(one fp32 per 64-weight block, from the double-quantized constants), through the op dispatcher. Here
+the same CPU kernels of bitsandbytes' native library write into scratch buffers that are reused. The
+values are bitsandbytes' own, bit for bit (tests/test_quant.py checks them against dequantize_4bit).
+
+The scratch buffers are per thread, role (weight or absmax), device and dtype, shared by all layers
+and grown to the largest: the calls of one thread run one after another, and every caller below uses the buffer
+only within one call (F.conv2d / F.linear / matmul read it; nothing keeps it). So layers may run
+in several threads at once (the web server's generations), at one buffer per thread. Do not hand
+the result of `dequantize_scratch` to anything that keeps it: `dequantized_weight` stays on
+bitsandbytes' function and returns a fresh tensor.
+
+bitsandbytes reaches this module only as an argument (quant.layers is its one importer).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import threading
+from math import prod
+
+import torch
+import torch.nn.functional as F
+
+_scratch = threading.local()  # .buffers: {(device, dtype): flat tensor}
+_KERNELS = {("nf4", torch.float32): "cdequantize_blockwise_cpu_nf4_fp32",
+            ("nf4", torch.bfloat16): "cdequantize_blockwise_cpu_nf4_bf16",
+            ("nf4", torch.float16): "cdequantize_blockwise_cpu_nf4_fp16",
+            ("fp4", torch.float32): "cdequantize_blockwise_cpu_fp4_fp32",
+            ("fp4", torch.bfloat16): "cdequantize_blockwise_cpu_fp4_bf16",
+            ("fp4", torch.float16): "cdequantize_blockwise_cpu_fp4_fp16"}
+
+
+def _buffer(numel: int, dtype: torch.dtype, device: torch.device, role: str = "weight") -> torch.Tensor:
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get((role, device, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = buffers[(role, device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _absmax(bnb, state) -> torch.Tensor:
+    """The fp32 absmax per block (blocks,). Double-quantized, it is dequantized again at each call, as
+    dequantize_4bit does (the same kernel, the same offset added), but into a scratch buffer of its own:
+    kept per layer it would add 2 bits per weight (an fp32 per 64 weights) to a base held in about 4.1."""
+    if not state.nested:
+        return state.absmax if state.absmax.dtype == torch.float32 else state.absmax.float()
+    s2, q = state.state2, state.absmax  # q: (blocks,) uint8 indices into s2.code, one fp32 s2.absmax per 256
+    fn = getattr(bnb.functional.lib, "cdequantize_blockwise_cpu_fp32", None)
+    if fn is None or s2.dtype != torch.float32 or q.dtype != torch.uint8 or not q.is_contiguous():
+        absmax = bnb.functional.dequantize_blockwise(q, s2)
+        absmax += state.offset
+        return absmax.float()
+    out = _buffer(q.numel(), torch.float32, q.device, "absmax")
+    code = s2.code.to(q.device, torch.float32).contiguous()
+    fn(ct.c_void_p(code.data_ptr()), ct.c_void_p(q.data_ptr()), ct.c_void_p(s2.absmax.data_ptr()),
+       ct.c_void_p(out.data_ptr()), ct.c_longlong(s2.blocksize), ct.c_longlong(q.numel()))
+    out += state.offset
+    return out
+
+
+def _kernel(bnb, packed: torch.Tensor, state, dtype: torch.dtype):
+    """bitsandbytes' CPU kernel for this weight, or None where its dequantize_4bit takes another road
+    (not the CPU, no native library, odd rows, AVX512 with blocks of 2048 or more, packed layouts)."""
+    if packed.device.type != "cpu" or len(state.shape) < 1 or state.shape[-1] % 2:
+        return None
+    if getattr(state, "packing_format_for_cpu", False) or not packed.is_contiguous():
+        return None
+    if state.blocksize >= 2048 and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        return None
+    return getattr(bnb.functional.lib, _KERNELS.get((state.quant_type, dtype), ""), None)
+
+
+def dequantize_scratch(bnb, packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """The weight `state.shape` in `dtype`, as bitsandbytes.functional.dequantize_4bit(packed,
+    state).to(dtype) has it, in this thread's scratch buffer: valid until this thread's next call."""
+    fn = _kernel(bnb, packed, state, state.dtype)
+    if fn is None:
+        return bnb.functional.dequantize_4bit(packed, state).to(dtype)
+    shape = tuple(state.shape)
+    n = shape[-1]
+    m = prod(shape[:-1]) if len(shape) > 1 else 1
+    # In the stored dtype first, as dequantize_4bit: a bf16-stored weight dequantized straight to fp32
+    # would be more precise than bitsandbytes' values, so not theirs.
+    out = _buffer(m * n, state.dtype, packed.device)
+    absmax = _absmax(bnb, state)
+    fn(ct.c_void_p(packed.data_ptr()), ct.c_void_p(absmax.data_ptr()), ct.c_void_p(out.data_ptr()),
+       ct.c_longlong(state.blocksize), ct.c_longlong(m), ct.c_longlong(n))
+    if dtype != state.dtype:  # .to(dtype), into the buffer of that dtype
+        out = _buffer(m * n, dtype, packed.device).copy_(out)
+    return out.view(shape)
+
+
+QuantLinear4bit = None  # the class, once linear_class has made it
+
+
+class FrozenQuantLinear(torch.autograd.Function):
+    """x @ W.T + b with a frozen 4-bit W (out, in): the forward and the backward each dequantize W
+    into the scratch buffer (nothing of W is saved between them, as in bitsandbytes' MatMul4Bit),
+    and only x's gradient is computed."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias, bnb):
+        w = dequantize_scratch(bnb, layer.weight.data, layer.weight.quant_state, x.dtype)  # (out, in)
+        ctx.layer, ctx.bnb = layer, bnb
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        state = ctx.layer.weight.quant_state
+        w = dequantize_scratch(ctx.bnb, ctx.layer.weight.data, state, grad_out.dtype)
+        return torch.matmul(grad_out, w), None, None, None
+
+
+def linear_class(bnb):
+    """bitsandbytes' Linear4bit with the forward above: a subclass, so that everything that knows a
+    Linear4bit (quant_state, state dicts, memory figures, requantizing) knows this one too. Made once,
+    when bitsandbytes is first imported, and published as fast4bit.QuantLinear4bit (for pickle)."""
+    global QuantLinear4bit
+    if QuantLinear4bit is not None:
+        return QuantLinear4bit
+
+    class QuantLinear4bit(bnb.nn.Linear4bit):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bnb.nn.modules.fix_4bit_weight_quant_state_from_module(self)
+            if not self.compute_type_is_set:  # as Linear4bit: fp32 and bf16 inputs set the compute dtype
+                self.set_compute_type(x)
+                self.compute_type_is_set = True
+            inp_dtype = x.dtype
+            if self.compute_dtype is not None:
+                x = x.to(self.compute_dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            if x.device.type != "cpu" or x.numel() == 0 or x.shape[-1] != self.in_features:
+                return super().forward(x).to(inp_dtype)  # GPUs and edge cases: bitsandbytes' own forward
+            if torch.is_grad_enabled() and x.requires_grad:
+                return FrozenQuantLinear.apply(x, self, bias, bnb).to(inp_dtype)
+            w = dequantize_scratch(bnb, self.weight.data, self.weight.quant_state, x.dtype)
+            return F.linear(x, w, bias).to(inp_dtype)
+
+    QuantLinear4bit.__module__, QuantLinear4bit.__qualname__ = __name__, "QuantLinear4bit"
+    return QuantLinear4bit
