@@ -16,7 +16,7 @@ LOCKED := PIP_CONSTRAINT=$(CURDIR)/$(LOCK) PIP_BUILD_CONSTRAINT=$(CURDIR)/$(LOCK
 # Unlocked installs must not inherit a constraint from the caller's environment.
 UNLOCKED := env -u PIP_CONSTRAINT -u PIP_BUILD_CONSTRAINT
 
-.PHONY: demo test test-latest lock bench bench-gpu install samples embedded embedded-sdxl clean
+.PHONY: demo test test-styles test-latest lock bench bench-gpu install samples embedded embedded-sdxl clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ demo: $(VENV)/.installed
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -rs --durations=12 -n $(TEST_WORKERS) --dist loadgroup tests
+
+# The per-style learning tests for all four sample styles (make test runs dots and neon: ~4 minutes more each).
+test-styles: $(VENV)/.installed-test
+	SDLORA_ALL_STYLES=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup tests/test_training_style_v2.py
 
 # Drift found on purpose, not by a red CI: a fresh .venv-latest with the newest versions the registries
 # serve (no lock), the differences from the lock, then the whole suite there. May fail; not part of CI.

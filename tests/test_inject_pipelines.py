@@ -124,8 +124,8 @@ def test_bad_injection_input(tiny_sd1_dir):
         base.add_adapter("a", AdapterConfig(), targets="everything")
     with pytest.raises(SdloraError, match="rank must be an integer of at least 1"):
         AdapterConfig(rank=0)
-    with pytest.raises(SdloraError, match="unknown adapter method 'loha'"):
-        AdapterConfig(method="loha")
+    with pytest.raises(SdloraError, match="unknown adapter method 'boft'"):
+        AdapterConfig(method="boft")
     assert same_bits(before, snapshot(base.pipe.unet)) and not adapter_layers(base.pipe.unet)
     base.quantize("nf4")
     with pytest.raises(SdloraError, match="already quantized"):
