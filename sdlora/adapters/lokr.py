@@ -7,7 +7,6 @@ anywhere, 1 when both are whole (LyCORIS then ignores alpha).
 
 from __future__ import annotations
 
-import torch
 
 from .factored import lokr_rank, lokr_shapes, lokr_weight
 from .factored_adapter import FactoredAdapter
@@ -30,7 +29,7 @@ class LokrAdapter(FactoredAdapter):
         geom = layer.geometry
         shapes = lokr_shapes(geom.out_features, geom.in_features, tuple(geom.kernel_size or ()), cfg.rank,
                              cfg.factor, cfg.decompose_both, cfg.full_matrix)
-        paired = lokr_rank(shapes_as_parts(shapes)) is not None
+        paired = any(k.endswith(("_a", "_b")) for k in shapes)  # a low-rank pair on either side: scale alpha / r
         alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
         scale = lora_scale(alpha, cfg.rank, cfg.rslora) if paired else 1.0
         a = cls(geom, cfg.rank, scale, shapes, cfg.dropout)
@@ -39,8 +38,3 @@ class LokrAdapter(FactoredAdapter):
             if name not in cls.zero_init:
                 init_down(p, cfg.rank, "kaiming", generator)
         return a
-
-
-def shapes_as_parts(shapes: dict[str, tuple[int, ...]]) -> dict:
-    """Empty stand-ins with the shapes, for the rules that look only at the parts' shapes."""
-    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
