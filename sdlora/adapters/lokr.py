@@ -7,7 +7,6 @@ anywhere, 1 when both are whole (LyCORIS then ignores alpha).
 
 from __future__ import annotations
 
-
 from .factored import lokr_rank, lokr_shapes, lokr_weight
 from .factored_adapter import FactoredAdapter
 from .functional import lora_scale
