@@ -4,10 +4,11 @@ The seeds name batching different adapters in one forward pass as LoRA's open li
 sample (mixing.Mixer, per_sample mode) solves it inside one call, and a server is where it pays: the
 page's and the A1111 API's requests wait up to `window_ms` for company sharing their size, steps,
 sampler and guidance, and up to `max_batch` pictures then run as one pass (generate.generate_items).
-A lone request runs as generate() runs it (its pixels are `sdlora generate`'s). In a shared pass a picture
-can differ from its lone run by a level in a few pixels: the CPU's convolution (oneDNN) and small matrix
-products (MKL's M=1 path, the time embedding's) pick their kernels by batch size, so sums round apart
-(about 2e-6 in the UNet's output); tests/test_a1111_api.py measures it.
+A lone request runs as generate() runs it (its pixels are `sdlora generate`'s). A shared pass with different
+mixes runs grouped (mixing.py): each picture's rows are computed as its mix alone computes them (its fused
+weights, or the base and its unfused delta), and the layers whose products would round by batch size run
+row by row (sdlora/batch_invariance.py), so every picture gets exactly its lone pixels, whatever shares its
+pass (tests/test_grouped_pass.py, tests/test_a1111_api.py).
 
 One worker thread runs the passes one after another: the models are shared, and a pass already uses
 every core.

@@ -114,7 +114,7 @@ class Item:
 
 
 def _call_pipeline(base: Base, settings: GenerateSettings, items: list[Item], width: int, height: int, on_step,
-                   mix=None, should_stop=None):
+                   mix=None, should_stop=None, mode: str = "auto"):
     """One batch: a picture per item (its prompt, negative prompt and seed; settings' size, steps, sampler and
     guidance shared). `mix` is a Mix for every picture or a list with one per item. A fresh pipeline object
     around the shared modules carries its own scheduler, so concurrent calls do not share scheduler state.
@@ -130,7 +130,7 @@ def _call_pipeline(base: Base, settings: GenerateSettings, items: list[Item], wi
     shape = (len(items), pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     latents = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(device, pipe.unet.dtype)
     negatives = [item.negative for item in items]
-    with base.mixer.apply(mix) as plan:
+    with base.mixer.apply(mix, mode) as plan:
         def step_end(p, i, t, kw):
             plan.step = i + 1  # step ranges of the mix count denoising steps from 0
             on_step()
@@ -184,7 +184,8 @@ def generate_items(base: Base, settings: GenerateSettings, items: list[Item], on
     """One batched pass over pictures with their own prompts, negative prompts, seeds and mixes, sharing
     settings' size, steps, sampler and guidance (settings' prompts, negative, seed and num are not used).
     Pictures that all share one mix run as generate() runs them (fused on a float base), so a lone request
-    gets generate()'s pixels; different mixes run per-sample in the one pass."""
+    gets generate()'s pixels; different mixes run grouped in the one pass (mixing.py): each picture's rows as
+    its mix alone computes them, so a picture gets the same pixels whatever shares its pass."""
     from .mixing import Mix
 
     if not items:
@@ -194,7 +195,8 @@ def generate_items(base: Base, settings: GenerateSettings, items: list[Item], on
     mixes = [item.mix or Mix() for item in items]
     shared = all(m == mixes[0] for m in mixes)
     images = _call_pipeline(base, settings, items, width, height, on_step or (lambda: None),
-                            mixes[0] if shared else mixes, should_stop=should_stop)
+                            mixes[0] if shared else mixes, should_stop=should_stop,
+                            mode="auto" if shared else "grouped")
     extra = {"quant": base.quant} if base.quant else {}
     return [Generated(im, item.prompt, item.seed, replace(settings, prompts=(item.prompt,), negative=item.negative,
                                                           seed=item.seed, num=1), base.source, dict(extra))

@@ -10,7 +10,11 @@ the same result:
   weights are copied back on exit, bit for bit (zero per-step cost);
 - unfused: the layers add sum_i w_i D_i x at every call (quantized bases, step ranges);
 - per_sample: a list of mixes, one per sample of the batch, in one forward pass; with
-  classifier-free guidance the batch is doubled and the weights follow.
+  classifier-free guidance the batch is doubled and the weights follow;
+- grouped: a list of mixes in one forward pass where each picture's rows are computed as its mix alone
+  computes them (fused weights where a lone call would fuse, the same products and sums), so a picture
+  gets the same bits whatever shares its batch: the server's batched requests (sdlora/batching.py).
+  Slower than per_sample: an adapted layer runs one product per distinct mix.
 Leaving `apply` always restores the model, and a Mixer's lock keeps fused calls from overlapping
 any other call on the same weights.
 """
@@ -32,7 +36,7 @@ from .block_weights import block_factor, check_keys
 from .errors import SdloraError
 from .quant import is_quantized
 
-MODES = ("auto", "fused", "unfused", "per_sample")
+MODES = ("auto", "fused", "unfused", "per_sample", "grouped")
 BLOCKS = ("down", "mid", "up")
 
 
@@ -141,14 +145,60 @@ class _RWLock:
                 self._cond.notify_all()
 
 
+def fuse_weights(layer: AdapterLayer, mix: Mix) -> dict[str, float]:
+    """Adapter name -> weight that a fused `mix` adds into `layer` (zero weights left out, the mix's order)."""
+    weights = {n: w.weight_for(layer.region, 0) for n, w in mix.adapters.items() if n in layer.adapters}
+    return {n: w for n, w in weights.items() if w != 0.0}
+
+
+# A grouped pass keeps each distinct mix's fused weights for its length while they fit in this many bytes;
+# beyond it they are formed again at every call (one product per layer and mix).
+GROUPED_CACHE_BYTES = 1 << 30
+
+
 class ActivePlan:
     """What the layers read during a call (see adapters/context.py)."""
 
-    def __init__(self, mixes: list[Mix], per_sample: bool, fused: bool):
+    def __init__(self, mixes: list[Mix], per_sample: bool, fused: bool, grouped: bool = False,
+                 lone_fused: list[bool] | None = None):
         self.mixes = mixes
         self.per_sample = per_sample
         self.fused = fused
+        self.grouped = grouped  # per_sample, each picture computed as its mix alone computes it
+        self.lone_fused = lone_fused or [False] * len(mixes)  # grouped: whether mix k alone would run fused
         self.step = 0  # the denoising step about to run; generation advances it
+        self._groups: dict[int, list[tuple[int, list[int]]]] = {}
+        self._fused: dict[tuple[int, int], torch.Tensor] = {}
+        self._fused_bytes = 0
+
+    def row_groups(self, batch: int) -> list[tuple[int, list[int]]]:
+        """Grouped: (mix index, rows) per distinct mix; row r carries mix r % len(mixes) (guidance repeats
+        the pictures: [uncond; cond])."""
+        if batch not in self._groups:
+            n = len(self.mixes)
+            first = [next(j for j in range(n) if self.mixes[j] == self.mixes[k]) for k in range(n)]
+            groups: dict[int, list[int]] = {}
+            for r in range(batch):
+                groups.setdefault(first[r % n], []).append(r)
+            self._groups[batch] = list(groups.items())
+        return self._groups[batch]
+
+    def fused_weight(self, layer: AdapterLayer, k: int, weights: dict[str, float]) -> torch.Tensor:
+        """Mix k's fused weight of `layer`, W0 + sum_i w_i D_i formed as Mixer.apply's fused mode forms it
+        in place (the same add_delta_ on a copy, so the same bits); kept for the pass while they fit."""
+        key = (id(layer), k)
+        if key in self._fused:
+            return self._fused[key]
+        w = layer.base_layer.weight.detach().clone()
+        layer.add_delta_(w, weights)
+        nbytes = w.numel() * w.element_size()
+        if self._fused_bytes + nbytes <= GROUPED_CACHE_BYTES:
+            self._fused[key], self._fused_bytes = w, self._fused_bytes + nbytes
+        return w
+
+    def lone_weights(self, layer: AdapterLayer, k: int) -> dict[str, float]:
+        """What an unfused call with mix k alone passes `layer` now (layer_weights of a one-mix plan)."""
+        return {n: w.weight_for(layer.region, self.step) for n, w in self.mixes[k].adapters.items()}
 
     def layer_weights(self, layer: AdapterLayer, batch: int) -> dict:
         if not self.per_sample:
@@ -207,8 +257,8 @@ class Mixer:
             quantized = [n for n, layer in self.layers().items() if is_quantized(layer.base_layer)]
             if quantized:
                 raise SdloraError(f"cannot fuse into a quantized base ({quantized[0]} is quantized)", "use mode='unfused'")
-        if mode == "per_sample" and len(mixes) < 1:
-            raise SdloraError("per-sample mode needs one mix per sample", "pass a list of mixes")
+        if mode in ("per_sample", "grouped") and len(mixes) < 1:
+            raise SdloraError(f"{mode} mode needs one mix per sample", "pass a list of mixes")
 
     @contextmanager
     def apply(self, mix: Mix | list[Mix] | None, mode: str = "auto"):
@@ -218,7 +268,10 @@ class Mixer:
             mixes = [Mix()]
         mode = self.choose_mode(mixes, mode)
         self._validate(mixes, mode)
-        plan = ActivePlan(mixes, per_sample=mode == "per_sample", fused=mode == "fused")
+        # grouped: how each mix would run alone (auto), so that its rows are computed that way
+        lone_fused = [self.choose_mode([m], "auto") == "fused" for m in mixes] if mode == "grouped" else None
+        plan = ActivePlan(mixes, per_sample=mode in ("per_sample", "grouped"), fused=mode == "fused",
+                          grouped=mode == "grouped", lone_fused=lone_fused)
         if mode == "fused":
             with self._lock.write():
                 with torch.no_grad():  # only the weight edits: the caller's body keeps its grad mode
@@ -255,8 +308,7 @@ class Mixer:
         saved = []
         try:
             for layer in self.layers().values():
-                weights = {n: w.weight_for(layer.region, 0) for n, w in mix.adapters.items() if n in layer.adapters}
-                weights = {n: w for n, w in weights.items() if w != 0.0}
+                weights = fuse_weights(layer, mix)
                 if not weights:
                     continue
                 saved.append(fuse_layer(layer, weights, self._originals))

@@ -69,8 +69,21 @@ class Base:
         reports = {role: quantize_model(model, mode, convs=convs and role == "unet", compute_dtype=compute_dtype,
                                         device=device)
                    for role, model in self.models().items()}
+        self._batch_invariant()  # quantizing replaced layers
         self.quant = mode
         return reports
+
+    def _batch_invariant(self) -> None:
+        """A picture's bits must not depend on its batch (sdlora/batch_invariance.py): (batch, channels) layers
+        run row by row, convolutions through its conv2d, and the VAE encodes and decodes one picture at a time
+        (diffusers' slicing)."""
+        from .batch_invariance import make_batch_invariant
+
+        for model in self.models().values():
+            make_batch_invariant(model)
+        vae = getattr(self.pipe, "vae", None)
+        if vae is not None and hasattr(vae, "enable_slicing"):
+            vae.enable_slicing()
 
     def add_adapter(self, name: str, config, *, targets: str = "attn", text_encoder: bool | tuple = False,
                     rank_of=None) -> int:
@@ -306,7 +319,9 @@ def load_base(base: str = EMBEDDED, *, dtype: torch.dtype = torch.float32, devic
         model = getattr(pipe, name, None)
         if model is not None:
             model.requires_grad_(False)  # the base is frozen: only adapters ever train
-    return Base(pipe=pipe, family=family, source=base, kind=kind)
+    loaded = Base(pipe=pipe, family=family, source=base, kind=kind)
+    loaded._batch_invariant()
+    return loaded
 
 
 def make_scheduler(name: str, base_config):

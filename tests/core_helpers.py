@@ -60,16 +60,3 @@ def same_bits(a: dict, b: dict) -> bool:
 
 def clone(model):
     return copy.deepcopy(model)
-
-
-def assert_own_picture(got, alone, others, what: str) -> tuple[int, int]:
-    """`got` (a picture from a shared per-sample pass) is `alone` (its lone run) but for kernel rounding: the
-    CPU's convolution and small matrix products choose kernels by batch size (sdlora/batching.py), which moves
-    a level in a few pixels. Far nearer its own than any other picture. Returns (max difference, values differing)."""
-    import numpy as np
-
-    diff = np.abs(got.astype(int) - alone.astype(int))
-    assert diff.max() <= 2 and (diff > 0).mean() < 0.005, f"{what}: {(diff > 0).sum()} values differ, max {diff.max()}"
-    nearest_other = min(np.abs(got.astype(int) - o.astype(int)).mean() for o in others)
-    assert diff.mean() * 20 < nearest_other, f"{what}: nearer another mix's picture"
-    return int(diff.max()), int((diff > 0).sum())

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batch_invariance import conv2d
 from ..errors import SdloraError
 from ..formats.adapter import ModuleWeights
 from .base import Adapter, BaseGeometry
@@ -39,7 +40,7 @@ class DeltaAdapter(Adapter):
     def output_delta(self, x: torch.Tensor, base_out_nobias: torch.Tensor, w0_fn) -> torch.Tensor:
         d = self.delta.to(x.dtype)
         if self.geometry.is_conv:
-            return F.conv2d(x, d, **self.geometry.conv_args)
+            return conv2d(x, d, **self.geometry.conv_args)
         return F.linear(x, d)
 
     def to_weights(self) -> ModuleWeights:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batch_invariance import conv2d
 from ..errors import SdloraError
 from ..formats.adapter import ModuleWeights
 from .base import Adapter, BaseGeometry
@@ -47,7 +48,7 @@ class FactoredAdapter(Adapter):
         d = self.delta_weight().to(x.dtype)
         x = self.dropout(x)
         if self.geometry.is_conv:
-            return F.conv2d(x, d, **self.geometry.conv_args)
+            return conv2d(x, d, **self.geometry.conv_args)
         return F.linear(x, d)
 
     def to_weights(self) -> ModuleWeights:

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..batch_invariance import conv2d
+
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     """alpha / r (Hu et al.), or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
@@ -63,12 +65,12 @@ def apply_down(x: torch.Tensor, down: torch.Tensor, conv: dict | None) -> torch.
     (B, r, H', W') with the base layer's stride, padding and dilation."""
     if conv is None:
         return F.linear(x, down)
-    return F.conv2d(x, down, stride=conv["stride"], padding=conv["padding"], dilation=conv["dilation"])
+    return conv2d(x, down, stride=conv["stride"], padding=conv["padding"], dilation=conv["dilation"])
 
 
 def apply_up(h: torch.Tensor, up: torch.Tensor, conv: bool) -> torch.Tensor:
     """Second half. Linear: (..., r) -> (..., out). Conv: (B, r, H, W) -> (B, out, H, W), 1x1."""
-    return F.conv2d(h, up.reshape(up.shape[0], up.shape[1], 1, 1)) if conv else F.linear(h, up.reshape(up.shape[0], -1))
+    return conv2d(h, up.reshape(up.shape[0], up.shape[1], 1, 1)) if conv else F.linear(h, up.reshape(up.shape[0], -1))
 
 
 def scale_rank_columns(h: torch.Tensor, scales: torch.Tensor, conv: bool) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..batch_invariance import RowwiseMixin
 from ..errors import SdloraError
 from ..quant import dequantized_weight
 from .base import Adapter, BaseGeometry
@@ -70,14 +71,77 @@ class AdapterLayer(nn.Module):
         return bias.to(out.dtype).reshape(-1, 1, 1) if self.geometry.is_conv else bias.to(out.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         mix = current_mix()
+        if mix is not None and getattr(mix, "grouped", False) and len(self.adapters) and not (args or kwargs):
+            return self._grouped_forward(x, mix)
+        if (x.dim() == 2 and x.shape[0] > 1 and isinstance(self.base_layer, RowwiseMixin) and mix is not None
+                and not mix.fused and len(self.adapters) and not getattr(mix, "per_sample", False)):
+            # (batch, channels) inputs (time_emb_proj) row by row, as sdlora/batch_invariance.py explains:
+            # a row's bits then do not depend on the batch
+            return torch.cat([self.forward(x[i : i + 1], *args, **kwargs) for i in range(x.shape[0])])
+        out = self.base_layer(x, *args, **kwargs)
         if mix is None or mix.fused or len(self.adapters) == 0:
             return out
         weights = {n: w for n, w in mix.layer_weights(self, x.shape[0]).items() if n in self.adapters}
         if not weights:
             return out
         return out + self.delta_output(x, out, weights)
+
+    def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The float base layer's forward with another weight of its shape: what it computes fused."""
+        base = self.base_layer
+        if self.geometry.is_conv:
+            return base._conv_forward(x, weight, base.bias)
+        return torch.nn.functional.linear(x, weight, base.bias)
+
+    def _grouped_forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        """A grouped plan (mixing.py): the rows of each distinct mix computed as that mix alone computes
+        them. x: (B, ...), B a multiple of the plan's mixes. Rows whose mix alone would fuse into this
+        layer: F(x_rows, W0 + sum w_i D_i); the others: base(x_rows) [+ the unfused delta of their mix],
+        the base once over all of them (its products give each row the same bits at any batch size)."""
+        batch, n = x.shape[0], len(plan.mixes)
+        if batch % n:
+            raise SdloraError(f"a batch of {batch} cannot carry {n} per-sample mixes",
+                              "pass one mix per prompt; guidance doubles the batch by itself")
+        groups = plan.row_groups(batch)
+        if x.dim() == 2 and isinstance(self.base_layer, RowwiseMixin):  # one row per group, as a lone call runs them
+            groups = [(k, [r]) for k, rows in groups for r in rows]
+        from ..mixing import fuse_weights
+
+        fused, unfused, base_rows = [], [], []
+        for k, rows in groups:
+            if plan.lone_fused[k]:
+                weights = fuse_weights(self, plan.mixes[k])
+                if weights:
+                    fused.append((rows, plan.fused_weight(self, k, weights)))
+                    continue
+                base_rows += rows
+                continue
+            weights = {a: w for a, w in plan.lone_weights(self, k).items() if a in self.adapters}
+            unfused.append((rows, weights))
+            base_rows += rows
+        if not fused and not any(w for _, w in unfused):
+            return self.base_layer(x)  # no mix adapts this layer: the base alone, rows in order
+        # One gather puts the rows in chunk order (the base's rows, then each fused mix's), contiguous chunks
+        # of it are computed, and one gather puts the outputs back in row order.
+        base_rows.sort()
+        order = base_rows + [r for rows, _ in fused for r in rows]
+        xs = x[order].split([len(base_rows)] * bool(base_rows) + [len(rows) for rows, _ in fused])
+        outs = []
+        if base_rows:
+            ob = self.base_layer(xs[0])
+            at = {r: i for i, r in enumerate(base_rows)}
+            for rows, weights in unfused:
+                if weights:
+                    pos = [at[r] for r in rows]
+                    og = ob[pos]
+                    ob[pos] = og + self.delta_output(x[rows], og, weights)
+            outs.append(ob)
+        outs += [self._forward_with_weight(xk, weight) for xk, (_, weight) in zip(xs[len(outs):], fused)]
+        back = [0] * batch
+        for i, r in enumerate(order):
+            back[r] = i
+        return torch.cat(outs)[back]
 
     def delta_output(self, x: torch.Tensor, out: torch.Tensor, weights: dict) -> torch.Tensor:
         """sum_i w_i * D_i x. weights: name -> float or (B,) tensor."""

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batch_invariance import conv2d
 from ..choices import QUANT_MODES
 from ..errors import SdloraError
 from .fast4bit import dequantize_scratch, linear_class
@@ -45,7 +46,7 @@ class _FrozenQuantConv(torch.autograd.Function):
         w = layer.dequantize_scratch(dtype)  # (out, in, kh, kw)
         b = None if layer.bias is None else layer.bias.to(dtype)
         ctx.layer, ctx.dtype, ctx.x_shape = layer, dtype, x.shape
-        return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation)
+        return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation)  # training: the plain kernel
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -93,7 +94,7 @@ class QuantConv2d(nn.Module):
             return _FrozenQuantConv.apply(x.to(dtype), self, dtype).to(x.dtype)
         w = self.dequantize_scratch(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
-        return F.conv2d(x.to(dtype), w, b, self.stride, self.padding, self.dilation).to(x.dtype)
+        return conv2d(x.to(dtype), w, b, self.stride, self.padding, self.dilation).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, 4-bit"
