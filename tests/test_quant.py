@@ -329,3 +329,29 @@ def test_a_replaced_4bit_weight_is_dequantized_afresh():
         a.weight.quant_state.absmax.copy_(torch.flip(a.weight.quant_state.absmax, [0]))  # constants edited in place
         w = dequantized_weight(a)
         assert torch.equal(a(x), nn.functional.linear(x, w, a.bias))
+
+
+def test_scratch_buffers_first_made_under_inference_mode_serve_training_after():
+    """Generation runs under torch.inference_mode; the thread's scratch buffers it first makes must still be
+    written in place by a later training step or a no_grad call (an inference tensor cannot be: this failed
+    CI when a generation test ran first on a worker)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdlora.quant import quantize_linear
+
+    torch.manual_seed(0)
+    conv = QuantConv2d(nn.Conv2d(16, 16, 3, padding=1))
+    lin = quantize_linear(nn.Linear(64, 64), "nf4", True)
+    xc, xl = torch.randn(2, 16, 6, 6), torch.randn(4, 64)
+
+    def run():  # a fresh thread: no buffers yet
+        with torch.inference_mode():
+            served = [conv(xc), lin(xl)]
+        with torch.no_grad():
+            plain = [conv(xc), lin(xl)]
+        xg = xl.clone().requires_grad_()
+        lin(xg).sum().backward()
+        return served, plain, xg.grad
+
+    served, plain, grad = ThreadPoolExecutor(1).submit(run).result()
+    assert all(torch.equal(a, b) for a, b in zip(served, plain)) and grad is not None

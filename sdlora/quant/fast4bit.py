@@ -41,7 +41,10 @@ def _buffer(numel: int, dtype: torch.dtype, device: torch.device, role: str = "w
         buffers = _scratch.buffers = {}
     buf = buffers.get((role, device, dtype))
     if buf is None or buf.numel() < numel:
-        buf = buffers[(role, device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+        # A plain tensor even when first asked for under torch.inference_mode (generation): an inference
+        # tensor could not be written in place later outside it (a training step, a no_grad test).
+        with torch.inference_mode(False):
+            buf = buffers[(role, device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
