@@ -7,8 +7,9 @@ for a (2, 192) input than for a (16, 192) one, and the sums round apart (about 4
 2e-6 in the UNet's output after a step). Those layers are the time embedding (time_embedding, SDXL's
 add_embedding, class_embedding), each ResNet block's time_emb_proj, and SDXL's pooled text_projection:
 inputs (batch, channels). Their forward runs row by row, (1, channels) each, in every call, so a row's bits
-are the same alone and in company. They are tiny (a few hundred thousand multiply-adds per row), so the loop
-costs nothing measurable.
+are the same alone and in company. In inference, rows that are all equal (the time embedding of every
+picture of a pass at one step) are computed once and repeated, the same bits: row by row, a pass of 16
+rows spent about a seventh of the serve bench's time in these tiny products (0.625x -> 0.539x of serial).
 
 Convolutions are not batch-invariant on these kernels either: oneDNN computes a 3x3 convolution of one
 picture apart from the same picture in a batch of 16, and a 1x1 one with 144 or more input channels apart at
@@ -32,6 +33,17 @@ _EMBEDDINGS = ("time_embedding", "add_embedding", "class_embedding")
 _PROJECTIONS = ("time_emb_proj", "text_projection")
 
 
+def by_rows(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn over x (batch, channels) one row at a time, (1, channels) each. In inference, a batch whose rows
+    are all equal (the time embedding of pictures at one step: the timestep is theirs alike) is computed
+    once and repeated: the same bits, since each row alone is computed the same way, and a pass of 16
+    rows then costs what a pass of 2 does."""
+    if not torch.is_grad_enabled() and torch.equal(x, x[:1].expand_as(x)):
+        y = fn(x[:1])
+        return y.expand(x.shape[0], *y.shape[1:]).contiguous()
+    return torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
+
+
 class RowwiseMixin:
     """forward over a (batch, channels) input one row at a time; any other input as the base class does."""
 
@@ -39,7 +51,7 @@ class RowwiseMixin:
         base_forward = super().forward
         if not torch.is_tensor(x) or x.dim() != 2 or x.shape[0] <= 1:
             return base_forward(x, *args, **kwargs)
-        return torch.cat([base_forward(x[i : i + 1], *args, **kwargs) for i in range(x.shape[0])])
+        return by_rows(lambda row: base_forward(row, *args, **kwargs), x)
 
 
 def _is_pointwise(weight: torch.Tensor, stride, padding, dilation, groups) -> bool:

@@ -157,6 +157,48 @@ def fuse_weights(layer: AdapterLayer, mix: Mix) -> dict[str, float]:
 GROUPED_CACHE_BYTES = 1 << 30
 
 
+class GroupedLayout:
+    """One adapted layer's rows in a grouped pass, for a batch size. Mix k's rows (plan.row_groups) go
+    either to the fused chunks, computed with mix k's fused weight, where mix k alone would fuse into this
+    layer, or to the base chunk (the base over all of them once, then the unfused delta of mix k added at
+    `pos` of that chunk where mix k adapts the layer). Rowwise layers (a (batch, channels) input) put each
+    row in a chunk of its own, as a lone call runs them row by row.
+    order: (B,) row indices in chunk order, or None when that is the rows' own order; sizes: the chunks'
+    lengths; back: (B,) where each row's output is in chunk order, or None; fused: each fused chunk's
+    weight; unfused: (k, pos (rows,) into the base chunk, rows (rows,) into the input) per adapting mix;
+    plain: no mix adapts the layer (the base alone)."""
+
+    def __init__(self, plan: "ActivePlan", layer: AdapterLayer, batch: int, rowwise: bool, device: torch.device):
+        groups = plan.row_groups(batch)
+        if rowwise:
+            groups = [(k, [r]) for k, rows in groups for r in rows]
+        fused, unfused, base_rows = [], [], []
+        for k, rows in groups:
+            if plan.lone_fused[k]:
+                weights = fuse_weights(layer, plan.mixes[k])
+                if weights:
+                    fused.append((rows, plan.fused_weight(layer, k, weights)))
+                    continue
+            elif any(a in layer.adapters for a in plan.mixes[k].adapters):
+                unfused.append((k, rows))
+            base_rows += rows
+        self.plain = not fused and not unfused
+        base_rows.sort()
+        self.base_rows = base_rows
+        order = base_rows + [r for rows, _ in fused for r in rows]
+        self.sizes = [len(base_rows)] * bool(base_rows) + [len(rows) for rows, _ in fused]
+        self.fused = [w for _, w in fused]
+        at = {r: i for i, r in enumerate(base_rows)}
+        self.unfused = [(k, torch.tensor([at[r] for r in rows], device=device), torch.tensor(rows, device=device))
+                        for k, rows in unfused]
+        in_order = order == list(range(batch))
+        self.order = None if in_order else torch.tensor(order, device=device)
+        back = [0] * batch
+        for i, r in enumerate(order):
+            back[r] = i
+        self.back = None if in_order else torch.tensor(back, device=device)
+
+
 class ActivePlan:
     """What the layers read during a call (see adapters/context.py)."""
 
@@ -170,6 +212,7 @@ class ActivePlan:
         self.step = 0  # the denoising step about to run; generation advances it
         self._groups: dict[int, list[tuple[int, list[int]]]] = {}
         self._fused: dict[tuple[int, int], torch.Tensor] = {}
+        self._layouts: dict[tuple[int, int], GroupedLayout] = {}
         self._fused_bytes = 0
 
     def row_groups(self, batch: int) -> list[tuple[int, list[int]]]:
@@ -196,6 +239,14 @@ class ActivePlan:
         if self._fused_bytes + nbytes <= GROUPED_CACHE_BYTES:
             self._fused[key], self._fused_bytes = w, self._fused_bytes + nbytes
         return w
+
+    def layout(self, layer: AdapterLayer, batch: int, rowwise: bool, device: torch.device) -> "GroupedLayout":
+        """Where each row of a (batch, ...) input of `layer` is computed in a grouped pass (layer.py's
+        _grouped_forward), the same at every step of the pass: worked out at the first call."""
+        key = (id(layer), batch)
+        if key not in self._layouts:
+            self._layouts[key] = GroupedLayout(self, layer, batch, rowwise, device)
+        return self._layouts[key]
 
     def lone_weights(self, layer: AdapterLayer, k: int) -> dict[str, float]:
         """What an unfused call with mix k alone passes `layer` now (layer_weights of a one-mix plan)."""

@@ -106,6 +106,33 @@ def test_time_embedding_layers_run_row_by_row():
         assert torch.equal(unet.time_embedding(emb)[:2], unet.time_embedding(emb[:2]))
 
 
+def test_equal_rows_are_computed_once_in_inference_and_each_row_otherwise():
+    """by_rows (the row-wise forward): 16 equal rows (pictures at one timestep) make one call and give the
+    bits 16 calls give; rows that differ, or any call that records gradients, go one row at a time."""
+    from sdlora.batch_invariance import by_rows
+
+    lin = torch.nn.Linear(192, 96)
+    calls = []
+
+    def fn(row):
+        calls.append(row.shape[0])
+        return lin(row)
+
+    row = torch.randn(1, 192, generator=torch.Generator().manual_seed(0))
+    same, differ = row.repeat(16, 1), torch.randn(16, 192, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        once = by_rows(fn, same)
+        assert calls == [1] and once.is_contiguous()
+        assert torch.equal(once, torch.cat([lin(same[i : i + 1]) for i in range(16)]))
+        calls.clear()
+        each = by_rows(fn, differ)
+        assert calls == [1] * 16
+        assert torch.equal(each, torch.cat([lin(differ[i : i + 1]) for i in range(16)]))
+    calls.clear()
+    by_rows(fn, same).sum().backward()
+    assert calls == [1] * 16 and lin.weight.grad is not None
+
+
 @pytest.mark.parametrize("threads_", [1, 2])
 def test_conv2d_gives_a_picture_the_same_bits_at_any_batch_size(threads_):
     """sdlora.batch_invariance.conv2d on the shapes where oneDNN's own kernels differ by batch size (measured:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..batch_invariance import RowwiseMixin
+from ..batch_invariance import RowwiseMixin, by_rows
 from ..errors import SdloraError
 from ..quant import dequantized_weight
 from .base import Adapter, BaseGeometry
@@ -78,7 +78,7 @@ class AdapterLayer(nn.Module):
                 and not mix.fused and len(self.adapters) and not getattr(mix, "per_sample", False)):
             # (batch, channels) inputs (time_emb_proj) row by row, as sdlora/batch_invariance.py explains:
             # a row's bits then do not depend on the batch
-            return torch.cat([self.forward(x[i : i + 1], *args, **kwargs) for i in range(x.shape[0])])
+            return by_rows(lambda row: self.forward(row, *args, **kwargs), x)
         out = self.base_layer(x, *args, **kwargs)
         if mix is None or mix.fused or len(self.adapters) == 0:
             return out
@@ -98,50 +98,26 @@ class AdapterLayer(nn.Module):
         """A grouped plan (mixing.py): the rows of each distinct mix computed as that mix alone computes
         them. x: (B, ...), B a multiple of the plan's mixes. Rows whose mix alone would fuse into this
         layer: F(x_rows, W0 + sum w_i D_i); the others: base(x_rows) [+ the unfused delta of their mix],
-        the base once over all of them (its products give each row the same bits at any batch size)."""
-        batch, n = x.shape[0], len(plan.mixes)
-        if batch % n:
-            raise SdloraError(f"a batch of {batch} cannot carry {n} per-sample mixes",
-                              "pass one mix per prompt; guidance doubles the batch by itself")
-        groups = plan.row_groups(batch)
-        if x.dim() == 2 and isinstance(self.base_layer, RowwiseMixin):  # one row per group, as a lone call runs them
-            groups = [(k, [r]) for k, rows in groups for r in rows]
-        from ..mixing import fuse_weights
-
-        fused, unfused, base_rows = [], [], []
-        for k, rows in groups:
-            if plan.lone_fused[k]:
-                weights = fuse_weights(self, plan.mixes[k])
-                if weights:
-                    fused.append((rows, plan.fused_weight(self, k, weights)))
-                    continue
-                base_rows += rows
-                continue
-            weights = {a: w for a, w in plan.lone_weights(self, k).items() if a in self.adapters}
-            unfused.append((rows, weights))
-            base_rows += rows
-        if not fused and not any(w for _, w in unfused):
+        the base once over all of them (its products give each row the same bits at any batch size).
+        Which rows go where is worked out once per layer and batch size (plan.layout): the pass is
+        dispatch-bound at small sizes, so each call is the few tensor operations below."""
+        layout = plan.layout(self, x.shape[0], x.dim() == 2 and isinstance(self.base_layer, RowwiseMixin), x.device)
+        if layout.plain:
             return self.base_layer(x)  # no mix adapts this layer: the base alone, rows in order
         # One gather puts the rows in chunk order (the base's rows, then each fused mix's), contiguous chunks
         # of it are computed, and one gather puts the outputs back in row order.
-        base_rows.sort()
-        order = base_rows + [r for rows, _ in fused for r in rows]
-        xs = x[order].split([len(base_rows)] * bool(base_rows) + [len(rows) for rows, _ in fused])
+        xs = (x if layout.order is None else x.index_select(0, layout.order)).split(layout.sizes)
         outs = []
-        if base_rows:
+        if layout.base_rows:
             ob = self.base_layer(xs[0])
-            at = {r: i for i, r in enumerate(base_rows)}
-            for rows, weights in unfused:
-                if weights:
-                    pos = [at[r] for r in rows]
-                    og = ob[pos]
-                    ob[pos] = og + self.delta_output(x[rows], og, weights)
+            for k, pos, rows in layout.unfused:
+                weights = {a: w for a, w in plan.lone_weights(self, k).items() if a in self.adapters}
+                og = ob[pos]
+                ob[pos] = og + self.delta_output(x[rows], og, weights)
             outs.append(ob)
-        outs += [self._forward_with_weight(xk, weight) for xk, (_, weight) in zip(xs[len(outs):], fused)]
-        back = [0] * batch
-        for i, r in enumerate(order):
-            back[r] = i
-        return torch.cat(outs)[back]
+        outs += [self._forward_with_weight(xk, weight) for xk, weight in zip(xs[len(outs):], layout.fused)]
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return out if layout.back is None else out.index_select(0, layout.back)
 
     def delta_output(self, x: torch.Tensor, out: torch.Tensor, weights: dict) -> torch.Tensor:
         """sum_i w_i * D_i x. weights: name -> float or (B,) tensor."""
