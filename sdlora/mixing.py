@@ -169,6 +169,9 @@ class GroupedLayout:
     plain: no mix adapts the layer (the base alone)."""
 
     def __init__(self, plan: "ActivePlan", layer: AdapterLayer, batch: int, rowwise: bool, device: torch.device):
+        if batch % len(plan.mixes):
+            raise SdloraError(f"a batch of {batch} cannot carry {len(plan.mixes)} per-sample mixes",
+                              "pass one mix per prompt; guidance doubles the batch by itself")
         groups = plan.row_groups(batch)
         if rowwise:
             groups = [(k, [r]) for k, rows in groups for r in rows]

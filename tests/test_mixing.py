@@ -299,3 +299,13 @@ def test_where_the_store_cannot_be_written_the_rounding_scheme_restores_bit_for_
         for s in reversed(saved):
             s.restore()
     assert same_bits(snapshot(model), before)
+
+
+@pytest.mark.parametrize("mode", ["per_sample", "grouped"])
+def test_a_batch_that_is_no_multiple_of_the_mixes_is_refused(mode):
+    """Three mixes cannot be spread over four rows: refused in one line, in both batched modes."""
+    model, _ = adapted("linear", None, {"a": "lora"})
+    mixer = Mixer({"unet": model})
+    with torch.no_grad(), mixer.apply([Mix({"a": 1.0}), Mix({}), Mix({"a": 0.5})], mode=mode):
+        with pytest.raises(SdloraError, match="a batch of 4 cannot carry 3 per-sample mixes"):
+            model(X)
