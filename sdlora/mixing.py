@@ -165,7 +165,8 @@ class GroupedLayout:
     row in a chunk of its own, as a lone call runs them row by row.
     order: (B,) row indices in chunk order, or None when that is the rows' own order; sizes: the chunks'
     lengths; back: (B,) where each row's output is in chunk order, or None; fused: each fused chunk's
-    weight; unfused: (k, pos (rows,) into the base chunk, rows (rows,) into the input) per adapting mix;
+    (mix index, adapter weights), its weight fetched from the plan at each call (plan.fused_weight: kept
+    there only within GROUPED_CACHE_BYTES, so the layout holds no weight); unfused: (k, pos (rows,) into the base chunk, rows (rows,) into the input) per adapting mix;
     plain: no mix adapts the layer (the base alone)."""
 
     def __init__(self, plan: "ActivePlan", layer: AdapterLayer, batch: int, rowwise: bool, device: torch.device):
@@ -180,7 +181,7 @@ class GroupedLayout:
             if plan.lone_fused[k]:
                 weights = fuse_weights(layer, plan.mixes[k])
                 if weights:
-                    fused.append((rows, plan.fused_weight(layer, k, weights)))
+                    fused.append((rows, (k, weights)))
                     continue
             elif any(a in layer.adapters for a in plan.mixes[k].adapters):
                 unfused.append((k, rows))
@@ -190,16 +191,13 @@ class GroupedLayout:
         self.base_rows = base_rows
         order = base_rows + [r for rows, _ in fused for r in rows]
         self.sizes = [len(base_rows)] * bool(base_rows) + [len(rows) for rows, _ in fused]
-        self.fused = [w for _, w in fused]
+        self.fused = [kw for _, kw in fused]
         at = {r: i for i, r in enumerate(base_rows)}
         self.unfused = [(k, torch.tensor([at[r] for r in rows], device=device), torch.tensor(rows, device=device))
                         for k, rows in unfused]
         in_order = order == list(range(batch))
         self.order = None if in_order else torch.tensor(order, device=device)
-        back = [0] * batch
-        for i, r in enumerate(order):
-            back[r] = i
-        self.back = None if in_order else torch.tensor(back, device=device)
+        self.back = None if in_order else self.order.argsort()  # the inverse permutation
 
 
 class ActivePlan:

@@ -309,3 +309,25 @@ def test_a_batch_that_is_no_multiple_of_the_mixes_is_refused(mode):
     with torch.no_grad(), mixer.apply([Mix({"a": 1.0}), Mix({}), Mix({"a": 0.5})], mode=mode):
         with pytest.raises(SdloraError, match="a batch of 4 cannot carry 3 per-sample mixes"):
             model(X)
+
+
+def test_a_grouped_pass_over_its_weight_budget_keeps_no_fused_weight_and_computes_the_same(monkeypatch):
+    """Fused weights of a grouped pass are kept only within GROUPED_CACHE_BYTES; past it they are formed at
+    each call, the same bits, and nothing (the plan or its per-layer layouts) holds one."""
+    from sdlora import mixing
+
+    model, _ = adapted("linear", None, {"a": "lora", "b": "dora"})
+    mixer = Mixer({"unet": model})
+    mixes = [Mix({"a": 1.0}), Mix({}), Mix({"a": 0.5, "b": 1.0}), Mix({"b": -0.7})]
+    outs = []
+    for budget in (1 << 30, 0):
+        monkeypatch.setattr(mixing, "GROUPED_CACHE_BYTES", budget)
+        with torch.no_grad(), mixer.apply(mixes, mode="grouped") as plan:
+            outs.append(model(X))
+            outs.append(model(X))  # the second call reads what the first kept
+            kept = list(plan._fused.values())
+            in_layouts = [v for layout in plan._layouts.values() for v in vars(layout).values()
+                          if isinstance(v, list) and any(torch.is_tensor(w) and w.dim() > 1 for w in v)]
+        assert not in_layouts
+        assert bool(kept) == (budget > 0)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

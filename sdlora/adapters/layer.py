@@ -115,7 +115,8 @@ class AdapterLayer(nn.Module):
                 og = ob[pos]
                 ob[pos] = og + self.delta_output(x[rows], og, weights)
             outs.append(ob)
-        outs += [self._forward_with_weight(xk, weight) for xk, weight in zip(xs[len(outs):], layout.fused)]
+        outs += [self._forward_with_weight(xk, plan.fused_weight(self, k, weights))
+                 for xk, (k, weights) in zip(xs[len(outs):], layout.fused)]
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return out if layout.back is None else out.index_select(0, layout.back)
 
