@@ -355,3 +355,75 @@ def test_scratch_buffers_first_made_under_inference_mode_serve_training_after():
 
     served, plain, grad = ThreadPoolExecutor(1).submit(run).result()
     assert all(torch.equal(a, b) for a, b in zip(served, plain)) and grad is not None
+
+
+def test_large_4bit_convolutions_run_by_chunks_of_output_channels(monkeypatch):
+    """A dequantized weight past fast4bit.CHUNK_BYTES is made and used by chunks of output channels (each chunk
+    stays in the cache): the chunks are bitsandbytes' values bit for bit, starting on quantization blocks when a
+    row is off the 64-weight blocks; the convolution, its input's gradient and the batch invariance of
+    generation hold as in one piece. A small budget stands in for the 16 MB that a real UNet's convolutions pass."""
+    from sdlora.batch_invariance import conv2d
+    from sdlora.quant import fast4bit
+
+    torch.manual_seed(0)
+    for c_in, c_out, kernel in ((40, 36, 3), (64, 96, 3), (48, 80, 1)):
+        q = QuantConv2d(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2))
+        n = c_in * kernel * kernel
+        whole = q.dequantize().reshape(c_out, n)
+        x = torch.randn(4, c_in, 7, 7, requires_grad=True)
+        monkeypatch.setattr(fast4bit, "CHUNK_BYTES", 1 << 62)
+        one_piece = q(x)
+        one_piece.square().sum().backward()
+        grad_one, x.grad = x.grad, None
+        monkeypatch.setattr(fast4bit, "CHUNK_BYTES", c_out * n * 4 // 3)  # about a third: three or four chunks
+        chunks = [(r0, r1, rows.clone()) for r0, r1, rows in q.weight_chunks(torch.float32)]
+        assert len(chunks) >= 3 and chunks[0][0] == 0 and chunks[-1][1] == c_out
+        assert all(r0 * n % q.weight.quant_state.blocksize == 0 for r0, _, _ in chunks)
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert torch.equal(torch.cat([rows for _, _, rows in chunks]), whole)
+        bf16 = torch.cat([rows.clone() for _, _, rows in q.weight_chunks(torch.bfloat16)])
+        assert torch.equal(bf16, whole.to(torch.bfloat16))
+        by_chunks = q(x)
+        by_chunks.square().sum().backward()
+        torch.testing.assert_close(by_chunks, one_piece, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, grad_one, rtol=1e-5, atol=1e-5)
+        with torch.inference_mode():  # generation: each picture the same bits alone and in a batch
+            served = q(x.detach())
+            assert torch.equal(served, torch.cat([q(x.detach()[i : i + 1]) for i in range(4)]))
+            reference = conv2d(x.detach(), whole.view(c_out, c_in, kernel, kernel), q.bias, 1, kernel // 2)
+            torch.testing.assert_close(served, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_large_4bit_linear_layers_run_by_chunks_of_output_features(monkeypatch, compute_dtype):
+    """A 4-bit linear layer past fast4bit.CHUNK_BYTES computes its output and its input's gradient by chunks of
+    output features; both stay what the layer computes in one piece (and what F.linear computes with the
+    dequantized weight), with and without gradients, in 2-D and 3-D inputs."""
+    from sdlora.quant import fast4bit, quantize_linear
+
+    torch.manual_seed(0)
+    lin = quantize_linear(nn.Linear(96, 200), "nf4", True, compute_dtype)
+    w = dequantized_weight(lin).to(compute_dtype)
+    calls = []
+    chunks = fast4bit.row_chunks
+    monkeypatch.setattr(fast4bit, "row_chunks", lambda *a, **k: calls.append(1) or chunks(*a, **k))
+    for shape in ((5, 96), (2, 7, 96)):
+        x = torch.randn(shape, requires_grad=True)
+        results = []
+        for budget in (1 << 62, 200 * 96 * w.element_size() // 4):  # one piece, then four or five chunks
+            monkeypatch.setattr(fast4bit, "CHUNK_BYTES", budget)
+            out = lin(x)
+            out.square().sum().backward()
+            with torch.no_grad():
+                plain = lin(x)
+            results.append((out.detach(), x.grad.clone(), plain))
+            x.grad = None
+        assert len(list(chunks(_bnb(), lin.weight.data, lin.weight.quant_state, compute_dtype))) >= 4  # small budget
+        (one, grad_one, plain_one), (split, grad_split, plain_split) = results
+        tol = dict(rtol=1e-5, atol=1e-5) if compute_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(split, one, **tol)
+        torch.testing.assert_close(plain_split, plain_one, **tol)
+        torch.testing.assert_close(grad_split, grad_one, **tol)
+        reference = nn.functional.linear(x.detach().to(compute_dtype), w, lin.bias.to(compute_dtype)).float()
+        torch.testing.assert_close(split, reference, **tol)
+    assert calls

@@ -6,9 +6,11 @@ page-faulted anew each time, as allocations that large go straight to the system
 (one fp32 per 64-weight block, from the double-quantized constants), through the op dispatcher. Here
 the same CPU kernels of bitsandbytes' native library write into scratch buffers that are reused. The
 values are bitsandbytes' own, bit for bit (tests/test_quant.py checks them against dequantize_4bit).
+A weight larger than CHUNK_BYTES is dequantized and used by chunks of its rows (output channels or
+features), each product right after its chunk's dequantization, while the chunk is still in the cache.
 
 The scratch buffers are per thread, role (weight or absmax), device and dtype, shared by all layers
-and grown to the largest: the calls of one thread run one after another, and every caller below uses the buffer
+and grown to the largest weight or chunk (at most about CHUNK_BYTES): the calls of one thread run one after another, and every caller below uses the buffer
 only within one call (F.conv2d / F.linear / matmul read it; nothing keeps it). So layers may run
 in several threads at once (the web server's generations), at one buffer per thread. Do not hand
 the result of `dequantize_scratch` to anything that keeps it: `dequantized_weight` stays on
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import threading
-from math import prod
+from math import gcd, prod
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +102,64 @@ def dequantize_scratch(bnb, packed: torch.Tensor, state, dtype: torch.dtype) -> 
     return out.view(shape)
 
 
+# A dequantized weight larger than this is made and used in row chunks of about this size (QuantConv2d): a
+# 1280x1280x3x3 convolution is 59 MB in fp32, past this machine's 32 MB L3 cache, so dequantizing it whole
+# writes it out to memory and oneDNN reads it back (and writes its own blocked copy) for a picture of 8x8 or
+# 4x4 latents; in four chunks each stays in the cache. tests/bench/conv_micro.py, 1280 channels, batch 2: at 4x4
+# 56 -> 28 ms, at 8x8 63 -> 50 ms, both under the float convolution (49, 73 ms); at 64x64 latents, where the
+# arithmetic dominates, within noise (100 -> 93 ms).
+CHUNK_BYTES = 16 * 2**20
+
+
+def row_chunks(bnb, packed: torch.Tensor, state, dtype: torch.dtype, max_bytes: int | None = None):
+    """The weight `state.shape` (m, ...) dequantized as dequantize_scratch has it, by rows of the flattened (m, n)
+    matrix: yields (r0, r1, rows) with rows (r1 - r0, n) in this thread's scratch buffer, valid until the next
+    chunk is asked for. One chunk (0, m) where the weight fits max_bytes (default CHUNK_BYTES) or the kernel
+    cannot start mid-weight; else chunks of equal rows, each starting on a quantization block (r0 * n a multiple
+    of the block size)."""
+    max_bytes = CHUNK_BYTES if max_bytes is None else max_bytes
+    shape = tuple(state.shape)
+    m = shape[0]
+    n = prod(shape[1:]) if len(shape) > 1 else 1
+    fn = _kernel(bnb, packed, state, state.dtype)
+    align = state.blocksize // gcd(n, state.blocksize)  # rows per chunk must be a multiple of this
+    nbytes = m * n * torch.empty((), dtype=dtype).element_size()
+    if fn is None or nbytes <= max_bytes or len(shape) < 2 or m <= align:
+        yield 0, m, dequantize_scratch(bnb, packed, state, dtype).view(m, n)
+        return
+    count = -(-nbytes // max_bytes)
+    rows = -(-(-(-m // count)) // align) * align  # ceil(m / count), rounded up to the alignment
+    absmax = _absmax(bnb, state)  # (blocks,) fp32, read by every chunk at its own offset
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        out = _buffer((r1 - r0) * n, state.dtype, packed.device)
+        # packed holds two 4-bit weights per byte; absmax one fp32 per block of the flat weight.
+        fn(ct.c_void_p(packed.data_ptr() + r0 * n // 2), ct.c_void_p(absmax.data_ptr() + r0 * n // state.blocksize * 4),
+           ct.c_void_p(out.data_ptr()), ct.c_longlong(state.blocksize), ct.c_longlong(r1 - r0), ct.c_longlong(n))
+        if dtype != state.dtype:
+            out = _buffer((r1 - r0) * n, dtype, packed.device).copy_(out)
+        yield r0, r1, out.view(r1 - r0, n)
+
+
 QuantLinear4bit = None  # the class, once linear_class has made it
+
+
+def linear_by_chunks(bnb, x: torch.Tensor, layer, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, W, bias) with the 4-bit W (out, in) dequantized by chunks of output features (row_chunks):
+    x (..., in) -> (..., out). A large W (SD1.5's and SDXL's 1280 -> 10240 feed-forward, 52 MB in fp32) then stays
+    in the cache between its dequantization and its product: 1280 -> 10240 over 128 rows 43 -> 28 ms here, and the
+    thread's scratch buffer is CHUNK_BYTES rather than W's size. Each output feature is the same dot product over
+    x's features as in one piece."""
+    state = layer.weight.quant_state
+    out = None
+    for r0, r1, rows in row_chunks(bnb, layer.weight.data, state, x.dtype):
+        y = F.linear(x, rows, None if bias is None else bias[r0:r1])
+        if r0 == 0 and r1 == state.shape[0]:
+            return y
+        if out is None:
+            out = y.new_empty(*y.shape[:-1], state.shape[0])
+        out[..., r0:r1] = y
+    return out
 
 
 class FrozenQuantLinear(torch.autograd.Function):
@@ -110,15 +169,18 @@ class FrozenQuantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer, bias, bnb):
-        w = dequantize_scratch(bnb, layer.weight.data, layer.weight.quant_state, x.dtype)  # (out, in)
         ctx.layer, ctx.bnb = layer, bnb
-        return F.linear(x, w, bias)
+        return linear_by_chunks(bnb, x, layer, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         state = ctx.layer.weight.quant_state
-        w = dequantize_scratch(ctx.bnb, ctx.layer.weight.data, state, grad_out.dtype)
-        return torch.matmul(grad_out, w), None, None, None
+        grad_x = None
+        # x's gradient sums over the output features, (..., in): each chunk of them adds its part.
+        for r0, r1, rows in row_chunks(ctx.bnb, ctx.layer.weight.data, state, grad_out.dtype):
+            part = torch.matmul(grad_out[..., r0:r1], rows)
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None, None, None
 
 
 def linear_class(bnb):
@@ -143,8 +205,7 @@ def linear_class(bnb):
                 return super().forward(x).to(inp_dtype)  # GPUs and edge cases: bitsandbytes' own forward
             if torch.is_grad_enabled() and x.requires_grad:
                 return FrozenQuantLinear.apply(x, self, bias, bnb).to(inp_dtype)
-            w = dequantize_scratch(bnb, self.weight.data, self.weight.quant_state, x.dtype)
-            return F.linear(x, w, bias).to(inp_dtype)
+            return linear_by_chunks(bnb, x, self, bias).to(inp_dtype)
 
     QuantLinear4bit.__module__, QuantLinear4bit.__qualname__ = __name__, "QuantLinear4bit"
     return QuantLinear4bit

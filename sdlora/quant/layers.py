@@ -17,7 +17,7 @@ from torch import nn
 from ..batch_invariance import conv2d
 from ..choices import QUANT_MODES
 from ..errors import SdloraError
-from .fast4bit import dequantize_scratch, linear_class
+from .fast4bit import dequantize_scratch, linear_class, row_chunks
 
 
 def _bnb():
@@ -43,17 +43,19 @@ class _FrozenQuantConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer, dtype):
-        w = layer.dequantize_scratch(dtype)  # (out, in, kh, kw)
-        b = None if layer.bias is None else layer.bias.to(dtype)
         ctx.layer, ctx.dtype, ctx.x_shape = layer, dtype, x.shape
-        return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation)  # training: the plain kernel
+        return layer.conv_by_chunks(x, dtype, F.conv2d)  # training: the plain kernel
 
     @staticmethod
     def backward(ctx, grad_out):
         layer = ctx.layer
-        w = layer.dequantize_scratch(ctx.dtype)
-        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, grad_out.to(ctx.dtype), layer.stride, layer.padding,
-                                            layer.dilation)
+        grad_out = grad_out.to(ctx.dtype)
+        grad_x = None
+        # x's gradient sums over the output channels: each chunk of them adds its part, (N, C, H, W).
+        for r0, r1, rows in layer.weight_chunks(ctx.dtype):
+            part = torch.nn.grad.conv2d_input(ctx.x_shape, rows.view(r1 - r0, *layer.weight_shape[1:]),
+                                              grad_out[:, r0:r1], layer.stride, layer.padding, layer.dilation)
+            grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x, None, None
 
 
@@ -88,13 +90,34 @@ class QuantConv2d(nn.Module):
         flat = dequantize_scratch(_bnb(), self.weight.data, self.weight.quant_state, dtype)
         return flat.view(self.out_channels, self.in_channels, *self.kernel_size)
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def weight_chunks(self, dtype: torch.dtype):
+        """(r0, r1, rows): the dequantized weight by output channels, rows (r1 - r0, in*kh*kw) in the scratch
+        buffer, one chunk when it is small (quant.fast4bit.row_chunks says why large ones are split)."""
+        return row_chunks(_bnb(), self.weight.data, self.weight.quant_state, dtype)
+
+    def conv_by_chunks(self, x: torch.Tensor, dtype: torch.dtype, conv) -> torch.Tensor:
+        """conv(x, weight, bias, ...) computed by chunks of output channels: x (N, C, H, W) -> (N, O, H', W'). Each
+        output channel is the same sum over x as in one call, and is written into its place."""
+        out = None
+        for r0, r1, rows in self.weight_chunks(dtype):
+            b = None if self.bias is None else self.bias[r0:r1].to(dtype)
+            y = conv(x, rows.view(r1 - r0, *self.weight_shape[1:]), b, self.stride, self.padding, self.dilation)
+            if r0 == 0 and r1 == self.out_channels:
+                return y
+            if out is None:
+                out = y.new_empty(y.shape[0], self.out_channels, *y.shape[2:])
+            out[:, r0:r1] = y
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype if x.dtype == torch.float32 else x.dtype
         if torch.is_grad_enabled() and x.requires_grad:  # training through the layer: see _FrozenQuantConv
             return _FrozenQuantConv.apply(x.to(dtype), self, dtype).to(x.dtype)
-        w = self.dequantize_scratch(dtype)
-        b = None if self.bias is None else self.bias.to(dtype)
-        return conv2d(x.to(dtype), w, b, self.stride, self.padding, self.dilation).to(x.dtype)
+        return self.conv_by_chunks(x.to(dtype), dtype, conv2d).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, 4-bit"

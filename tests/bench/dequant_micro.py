@@ -37,7 +37,8 @@ def main(tokens: int = 512) -> None:
     torch.manual_seed(0)
     conv = QuantConv2d(nn.Conv2d(1280, 1280, 3, padding=1))
     old_conv = QuantConv2d(nn.Conv2d(1280, 1280, 3, padding=1))
-    old_conv.dequantize_scratch = lambda dtype: old_conv.dequantize().to(dtype)  # the path before fast4bit
+    # the path before fast4bit: bitsandbytes' dequantize_4bit, in one piece
+    old_conv.weight_chunks = lambda dtype: iter([(0, 1280, old_conv.dequantize().to(dtype).reshape(1280, -1))])
     lin = nn.Linear(1280, 5120)
     ours, ref = quantize_linear(lin, "nf4"), quantize_linear(lin, "nf4", bnb_forward=True)
     for name, p in (("conv", conv.weight), ("linear", ours.weight)):
