@@ -64,7 +64,7 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     """A 1x1 convolution picture by picture: (O, C) @ (C, H*W) for each of x's N pictures (N, C, H, W), written
     straight into the (N, O, H, W) output. Every picture is one product of the same shape at any batch size, so
     its bits are its own; and in channels-first order, with no permute and copy on either side, it takes about
-    half the time of the (N*H*W, C) @ (C, O) product through channels-last views (tests/bench/pointwise_micro.py)."""
+    half the time of the (N*H*W, C) @ (C, O) product through channels-last views (tests/bench/conv_micro.py)."""
     n, c, h, w = x.shape
     cols = x.reshape(n, c, h * w)
     out = x.new_empty(n, weight.shape[0], h * w)

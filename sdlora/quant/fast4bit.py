@@ -10,8 +10,9 @@ A weight larger than CHUNK_BYTES is dequantized and used by chunks of its rows (
 features), each product right after its chunk's dequantization, while the chunk is still in the cache.
 
 The scratch buffers are per thread, role (weight or absmax), device and dtype, shared by all layers
-and grown to the largest weight or chunk (at most about CHUNK_BYTES): the calls of one thread run one after another, and every caller below uses the buffer
-only within one call (F.conv2d / F.linear / matmul read it; nothing keeps it). So layers may run
+and grown to the largest weight or chunk (about CHUNK_BYTES at most): the calls of one thread run one
+after another, and every caller below uses the buffer only within one call (F.conv2d / F.linear /
+matmul read it; nothing keeps it). So layers may run
 in several threads at once (the web server's generations), at one buffer per thread. Do not hand
 the result of `dequantize_scratch` to anything that keeps it: `dequantized_weight` stays on
 bitsandbytes' function and returns a fresh tensor.
