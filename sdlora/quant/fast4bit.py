@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import threading
+import math
 from math import gcd, prod
 
 import torch
@@ -128,8 +129,8 @@ def row_chunks(bnb, packed: torch.Tensor, state, dtype: torch.dtype, max_bytes: 
     if fn is None or nbytes <= max_bytes or len(shape) < 2 or m <= align:
         yield 0, m, dequantize_scratch(bnb, packed, state, dtype).view(m, n)
         return
-    count = -(-nbytes // max_bytes)
-    rows = -(-(-(-m // count)) // align) * align  # ceil(m / count), rounded up to the alignment
+    count = math.ceil(nbytes / max_bytes)
+    rows = math.ceil(math.ceil(m / count) / align) * align  # m / count, rounded up to a multiple of align
     absmax = _absmax(bnb, state)  # (blocks,) fp32, read by every chunk at its own offset
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)

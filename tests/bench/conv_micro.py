@@ -10,15 +10,14 @@ Median of 9 after one warm-up, in ms.    python -m tests.bench.conv_micro
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sdlora.batch_invariance import conv2d
 from sdlora.quant import QuantConv2d, fast4bit
+
+from .dequant_micro import median_s
 
 # (in, out, latent side): SD1.5's 3x3 shapes at 32x32 latents (the generation bench) and 64x64 (512 px).
 CONVS = ((1280, 1280, 4), (1280, 1280, 8), (2560, 1280, 8), (1920, 1280, 8), (1280, 1280, 16), (640, 640, 32),
@@ -27,13 +26,7 @@ POINTWISE = ((320, 320, 32), (640, 640, 16), (1280, 1280, 8), (960, 640, 16), (1
 
 
 def median_ms(fn, n: int = 9) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return median_s(fn, n) * 1e3
 
 
 @torch.inference_mode()
