@@ -65,23 +65,38 @@ def versions() -> dict:
             "accelerate": accelerate.__version__, "python": platform.python_version()}
 
 
-def paired_times(a, b, runs: int = 5, warmup: int = 2) -> tuple[float, float]:
+def paired_times(a, b, runs: int = 5, warmup: int = 2, faults: dict | None = None) -> tuple[float, float]:
     """Medians (ms) of a() and b(), run alternately after `warmup` calls of each, so that drift of
-    the machine (clock, caches, page faults of fresh copies) falls on both sides alike."""
+    the machine (clock, caches, page faults of fresh copies) falls on both sides alike. faults: a dict
+    given here gets the median minor page faults per call of each side ("a", "b"): memory that an
+    allocator hands back to the system and takes again at each call is zeroed page by page, and that
+    is part of a side's time (see run.py)."""
     for _ in range(warmup):
         a()
         b()
     ta, tb = [], []
+    fa, fb = [], []
     for _ in range(runs):
-        for fn, out in ((a, ta), (b, tb)):
+        for fn, out, flt in ((a, ta, fa), (b, tb, fb)):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            f0 = minor_faults()
             t0 = time.perf_counter()
             fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             out.append((time.perf_counter() - t0) * 1000)
+            flt.append(minor_faults() - f0)
+    if faults is not None:
+        faults.update(a=statistics.median(fa), b=statistics.median(fb))
     return statistics.median(ta), statistics.median(tb)
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (each a fresh 4 KB page zeroed on first touch)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def rss_bytes() -> int:

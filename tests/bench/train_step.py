@@ -1,8 +1,9 @@
 """Training step (rank 16, SD1.5 UNet, 32x32 latents, batch 1): time and peak memory, ours against
 a PEFT-injected diffusers UNet, on a float and on an NF4 base.
 
-Times are taken in this process, ours and the reference's steps alternately. Peak memory is taken
-with each variant in its own process, so its peak resident memory (Linux VmHWM, reset once the
+Times are taken in a fresh process per row, ours and the reference's steps alternately (paired_times),
+with the page faults each side's step takes (run.py says why a process of its own). Peak memory is
+taken with each variant in its own process, so its peak resident memory (Linux VmHWM, reset once the
 model is built and quantized) is its own. Peak memory is counted from the process's size after
 imports: it holds the base, the adapter, activations, gradients and optimizer state. The NF4
 reference is what diffusers' bitsandbytes path gives (NF4 with double quantization on linear
@@ -96,20 +97,42 @@ def peak_memory(impl: str, quant: str, targets: str, arch: str = "sd15", checkpo
 _ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
+# An allocator that keeps what it takes: every allocation from the heap (no mmap below 1 GB), nothing handed
+# back (no trim below 100 GB). Then neither side's step takes page faults, and the rows timed under it say what
+# the steps' compute costs apart from the default allocator's zeroing of fresh pages (run.py).
+_KEEP_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(10**9), "MALLOC_TRIM_THRESHOLD_": str(10**11)}
+
+
+def _process(*args: str, env: dict | None = None) -> dict:
+    """`python -m tests.bench.train_step ARGS` in a fresh process: its last line, as JSON."""
+    proc = subprocess.run([sys.executable, "-m", "tests.bench.train_step", *args], capture_output=True, text=True,
+                          check=True, env=env)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_pair(quant: str, targets: str, runs: int, arch: str = "sd15", checkpointing: bool = False) -> dict:
+    """Ours and the reference's step (ms, medians of `runs` alternating pairs) and page faults per step, both
+    built in this process (ours first)."""
+    ours_step, _ = build("ours", quant, targets, arch, checkpointing)
+    ref_step, _ = build("reference", quant, targets, arch, checkpointing)
+    faults: dict = {}
+    ours_ms, ref_ms = paired_times(ours_step, ref_step, runs, warmup=1 if arch == "sdxl" else 2, faults=faults)
+    return {"ours_ms": ours_ms, "ref_ms": ref_ms, "ours_faults": faults["a"], "ref_faults": faults["b"]}
+
+
+def _faults_note(t: dict) -> str:
+    return f"page faults per step: ours {t['ours_faults']:.0f}, reference {t['ref_faults']:.0f}"
+
+
 def run_sdxl(machine: str, runs: int = 3) -> list[Row]:
     """SDXL's UNet, NF4 base (ours: linear and conv layers; the reference: diffusers' linear layers), attention
     LoRA, gradient checkpointing on both sides: time and peak memory of one step, ours over the reference."""
-    mem = {}
-    for impl in ("ours", "reference"):
-        proc = subprocess.run([sys.executable, "-m", "tests.bench.train_step", impl, "nf4", "attn", "--sdxl"],
-                              capture_output=True, text=True, check=True, env=_ENV)
-        mem[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+    mem = {impl: _process(impl, "nf4", "attn", "--sdxl", env=_ENV) for impl in ("ours", "reference")}
     assert mem["ours"]["trainable"] == mem["reference"]["trainable"], mem
-    ours_step, _ = build("ours", "nf4", "attn", "sdxl", checkpointing=True)
-    ref_step, _ = build("reference", "nf4", "attn", "sdxl", checkpointing=True)
-    ours_ms, ref_ms = paired_times(ours_step, ref_step, runs, warmup=1)
+    t = _process("ours", "nf4", "attn", "--sdxl", "--time", str(runs))
     note = f"{SDXL_SIDE}x{SDXL_SIDE} latents, gradient checkpointing, {mem['ours']['trainable'] / 1e6:.2f} M trainable"
-    return [Row("sdxl train step nf4 base, attn (ms)", ours_ms, ref_ms, "ms", 1.0, machine, note=note),
+    return [Row("sdxl train step nf4 base, attn (ms)", t["ours_ms"], t["ref_ms"], "ms", 1.0, machine,
+                note=f"{note}; {_faults_note(t)}"),
             Row("sdxl train step nf4 base, attn peak memory (MB)", mem["ours"]["peak_bytes"] / 2**20,
                 mem["reference"]["peak_bytes"] / 2**20, "MB", 0.6, machine, note=note)]
 
@@ -118,22 +141,19 @@ def run(machine: str, runs: int = 5) -> list[Row]:
     rows = []
     for quant in ("none", "nf4"):
         for targets in ("attn", "linear"):
-            mem = {}
-            for impl in ("ours", "reference"):
-                proc = subprocess.run([sys.executable, "-m", "tests.bench.train_step", impl, quant, targets],
-                                      capture_output=True, text=True, check=True, env=_ENV)
-                mem[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+            mem = {impl: _process(impl, quant, targets, env=_ENV) for impl in ("ours", "reference")}
             assert mem["ours"]["trainable"] == mem["reference"]["trainable"], mem
-            ours_step, _ = build("ours", quant, targets)
-            ref_step, _ = build("reference", quant, targets)
-            ours_ms, ref_ms = paired_times(ours_step, ref_step, runs)
-            del ours_step, ref_step
-            gc.collect()
+            t = _process("ours", quant, targets, "--time", str(runs))  # the default allocator, as a user's process
             base = "float" if quant == "none" else "nf4"
-            rows.append(Row(f"train step {base} base, {targets} (ms)", ours_ms, ref_ms, "ms", 1.0, machine,
-                            note=f"{mem['ours']['trainable'] / 1e6:.2f} M trainable parameters"))
+            rows.append(Row(f"train step {base} base, {targets} (ms)", t["ours_ms"], t["ref_ms"], "ms", 1.0, machine,
+                            note=f"{mem['ours']['trainable'] / 1e6:.2f} M trainable parameters; {_faults_note(t)}"))
             rows.append(Row(f"train step {base} base, {targets} peak memory (MB)", mem["ours"]["peak_bytes"] / 2**20,
                             mem["reference"]["peak_bytes"] / 2**20, "MB", 0.6 if quant == "nf4" else None, machine))
+            if quant == "nf4":  # reported, not a goal: the same pair where no step takes page faults
+                k = _process("ours", quant, targets, "--time", str(runs), env=_KEEP_ENV)
+                rows.append(Row(f"train step {base} base, {targets}, allocator keeping its memory (ms)", k["ours_ms"],
+                                k["ref_ms"], "ms", None, machine,
+                                note=f"MALLOC_MMAP_THRESHOLD_=1e9 MALLOC_TRIM_THRESHOLD_=1e11; {_faults_note(k)}"))
     return rows
 
 
@@ -143,5 +163,10 @@ if __name__ == "__main__":
     ap.add_argument("quant", choices=["none", "nf4"])
     ap.add_argument("targets", choices=["attn", "linear"])
     ap.add_argument("--sdxl", action="store_true", help="SDXL's UNet with gradient checkpointing")
+    ap.add_argument("--time", type=int, metavar="RUNS", help="time ours against the reference (impl is ignored)")
     a = ap.parse_args()
-    print(json.dumps(peak_memory(a.impl, a.quant, a.targets, "sdxl" if a.sdxl else "sd15", a.sdxl)))
+    arch = "sdxl" if a.sdxl else "sd15"
+    if a.time:
+        print(json.dumps(time_pair(a.quant, a.targets, a.time, arch, a.sdxl)))
+    else:
+        print(json.dumps(peak_memory(a.impl, a.quant, a.targets, arch, a.sdxl)))
