@@ -17,7 +17,7 @@ from torch import nn
 from ..batch_invariance import conv2d
 from ..choices import QUANT_MODES
 from ..errors import SdloraError
-from .fast4bit import dequantize_scratch, linear_class, row_chunks
+from .fast4bit import dequantize_fresh, dequantize_scratch, linear_class, row_chunks
 
 
 def _bnb():
@@ -81,7 +81,7 @@ class QuantConv2d(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         bnb = _bnb()
-        flat = bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
+        flat = dequantize_fresh(bnb, self.weight.data, self.weight.quant_state)
         return flat.reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     def dequantize_scratch(self, dtype: torch.dtype) -> torch.Tensor:
@@ -191,7 +191,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
         return layer.dequantize()
     bnb = _bnb()
     if isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Embedding4bit)):
-        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        return dequantize_fresh(bnb, layer.weight.data, layer.weight.quant_state)
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return bnb.functional.int8_vectorwise_dequant(layer.weight.data, int8_row_scales(layer))
     return layer.weight
