@@ -60,3 +60,23 @@ def same_bits(a: dict, b: dict) -> bool:
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def table_times_absmax(packed: torch.Tensor, state) -> torch.Tensor:
+    """A 4-bit weight as its format defines it, written apart from bitsandbytes' kernels: each byte holds two
+    indices into the 16-entry code table (high nibble first), each value times its block's absmax (the flat
+    weight in blocks of state.blocksize; a double-quantized absmax dequantized by bitsandbytes plus its offset).
+    In the stored dtype and shape, as dequantize_4bit returns it. bitsandbytes 0.50.2's AVX512 CPU kernel misreads
+    rows of a multiple of 16 weights that are not whole blocks (tests/test_quant.py): where a test's reference
+    (PEFT's DoRA, a fresh quantization) dequantizes through bitsandbytes, this stands in for it."""
+    from math import prod
+
+    import bitsandbytes as bnb
+
+    b = packed.reshape(-1)
+    idx = torch.stack([b >> 4, b & 15], 1).reshape(-1).long()
+    absmax = (bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset) if state.nested \
+        else state.absmax
+    n = prod(state.shape)
+    vals = state.code.float()[idx[:n]] * absmax.float().repeat_interleave(state.blocksize)[:n]
+    return vals.to(state.dtype).view(state.shape)

@@ -3,8 +3,6 @@
 import json
 from pathlib import Path
 
-from math import prod
-
 import pytest
 import torch
 from torch import nn
@@ -14,7 +12,7 @@ from sdlora.errors import SdloraError
 from sdlora.inject import adapter_parameters, add_adapter, wrap
 from sdlora.mixing import Mix, Mixer
 from sdlora.quant import QuantConv2d, dequantized_weight, quantize_model, resident_bytes
-from tests.core_helpers import same_bits, snapshot
+from tests.core_helpers import same_bits, snapshot, table_times_absmax
 
 
 def big_mlp():
@@ -225,21 +223,6 @@ def _bnb():
     return bitsandbytes()
 
 
-def _table_times_absmax(packed: torch.Tensor, state) -> torch.Tensor:
-    """The 4-bit weight as its format defines it, written apart from bitsandbytes' kernels: each byte holds two
-    indices into the 16-entry code table (high nibble first), each value times its block's absmax (the flat
-    weight in blocks of state.blocksize; double-quantized absmax dequantized by bitsandbytes plus its offset).
-    In the stored dtype, as dequantize_4bit returns it."""
-    bnb = _bnb()
-    b = packed.reshape(-1)
-    idx = torch.stack([b >> 4, b & 15], 1).reshape(-1).long()
-    absmax = (bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset) if state.nested \
-        else state.absmax
-    n = prod(state.shape)
-    vals = state.code.float()[idx[:n]] * absmax.float().repeat_interleave(state.blocksize)[:n]
-    return vals.to(state.dtype).view(state.shape)
-
-
 def test_4bit_weights_with_rows_of_16_weights_off_the_blocks_are_read_right():
     """bitsandbytes 0.50.2's CPU kernel, in its AVX512 build, misreads weights whose rows are a multiple of 16
     weights but not of the 64-weight block (it scales some by another block's absmax; its own dequantize_4bit
@@ -252,7 +235,7 @@ def test_4bit_weights_with_rows_of_16_weights_off_the_blocks_are_read_right():
     for rows, cols in ((80, 48), (8, 16), (37, 96), (3, 160), (64, 128)):
         lin = nn.Linear(cols, rows)
         q = quantize_linear(lin, "nf4")
-        exact = _table_times_absmax(q.weight.data, q.weight.quant_state)
+        exact = table_times_absmax(q.weight.data, q.weight.quant_state)
         assert torch.equal(dequantized_weight(q), exact)
         assert torch.equal(fast4bit.dequantize_scratch(bnb, q.weight.data, q.weight.quant_state, torch.float32), exact)
         err = ((exact - lin.weight).norm() / lin.weight.norm()).item()
@@ -278,7 +261,7 @@ def test_scratch_dequantize_equals_bitsandbytes_bit_for_bit(quant_type, double_q
         for dtype in (torch.float32, torch.bfloat16):
             expected = bnb.functional.dequantize_4bit(p.data, p.quant_state).to(dtype)
             if shape[-1] % 2 == 0:  # the kernel's road (odd rows take bitsandbytes' generic one, which has no code here)
-                exact = _table_times_absmax(p.data, p.quant_state).to(dtype)
+                exact = table_times_absmax(p.data, p.quant_state).to(dtype)
                 if shape == (12, 48) and torch.backends.cpu.get_cpu_capability() == "AVX512":
                     expected = exact  # bitsandbytes' own call misreads these rows on this build (the test above)
                 assert torch.equal(expected, exact)
@@ -414,7 +397,7 @@ def test_large_4bit_convolutions_run_by_chunks_of_output_channels(monkeypatch):
         q = QuantConv2d(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2))
         n = c_in * kernel * kernel
         whole = q.dequantize().reshape(c_out, n)
-        assert torch.equal(whole, _table_times_absmax(q.weight.data, q.weight.quant_state))
+        assert torch.equal(whole, table_times_absmax(q.weight.data, q.weight.quant_state))
         x = torch.randn(4, c_in, 7, 7, requires_grad=True)
         monkeypatch.setattr(fast4bit, "CHUNK_BYTES", 1 << 62)
         one_piece = q(x)

@@ -10,7 +10,7 @@ from sdlora.pipelines import load_base
 from sdlora.tools.bake import bake
 from sdlora.tools.extract import extract
 from sdlora.tools.merge import merge, resize
-from tests.core_helpers import same_bits, snapshot
+from tests.core_helpers import same_bits, snapshot, table_times_absmax
 from tests.test_formats import outputs, trained
 
 
@@ -115,7 +115,7 @@ def test_bake_into_a_quantized_base_requantizes_and_reports(two, tmp_path):
     with torch.no_grad():
         merged = dequantized_weight(layer.base_layer) + 0.8 * layer.adapters["a"].delta_weight()
         q = bnb.nn.Params4bit(merged.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
-        expected = bnb.functional.dequantize_4bit(q.data, q.quant_state)
+        expected = table_times_absmax(q.data, q.quant_state)  # not bitsandbytes' kernel: core_helpers says why
     assert torch.equal(baked.pipe.unet.get_submodule(name).weight, expected)
     # requantizing re-rounds every weight of a changed layer (a fresh NF4 error, ~9% per layer), so
     # the outputs agree only roughly with the quantized base + mix; this bound guards regressions
