@@ -43,12 +43,18 @@ def _set_ref(unet, n: int) -> None:
         unet.set_adapters(NAMES[:n], [1.0 / n] * n)
 
 
-def _nf4_pair(pristine):
-    """(ours NF4 UNet, its mixer, the reference NF4 UNet), adapters on attention: ours NF4 on linear and conv
-    layers, the reference bitsandbytes' own Linear4bit on linear layers, as diffusers."""
+def _ours_nf4(pristine):
+    """(our NF4 UNet, NF4 on linear and conv layers, its mixer), adapters on attention."""
     ours_nf4 = copy.deepcopy(pristine)
     quantize_model(ours_nf4, "nf4", convs=True)
     _, mixer_nf4 = adapters.ours(ours_nf4, "attn", NAMES)
+    return ours_nf4, mixer_nf4
+
+
+def _nf4_pair(pristine):
+    """(ours NF4 UNet, its mixer, the reference NF4 UNet), adapters on attention: the reference bitsandbytes' own
+    Linear4bit on linear layers, as diffusers."""
+    ours_nf4, mixer_nf4 = _ours_nf4(pristine)
     ref_nf4 = copy.deepcopy(pristine)
     quantize_model(ref_nf4, "nf4", convs=False, bnb_forward=True)
     adapters.reference(ref_nf4, "attn", NAMES)
@@ -94,12 +100,9 @@ def run(machine: str, runs: int = 5) -> list[Row]:
     x, t, h = _inputs(2)
     ours_float = copy.deepcopy(pristine)
     _, mixer = adapters.ours(ours_float, "attn", NAMES)
-    ours_nf4 = copy.deepcopy(pristine)  # for the unfused switch
-    quantize_model(ours_nf4, "nf4", convs=True)
-    _, mixer_nf4 = adapters.ours(ours_nf4, "attn", NAMES)
+    _, mixer_nf4 = _ours_nf4(pristine)  # for the unfused switch (its layers keep the model)
     ref_float = adapters.reference(copy.deepcopy(pristine), "attn", NAMES)
     rows: list[Row] = []
-    under = _under
 
     def step(unet):
         return lambda: unet(x, t, h)
@@ -118,14 +121,14 @@ def run(machine: str, runs: int = 5) -> list[Row]:
     # ---- per-sample mixes: a batch of 4, each sample its own adapter ---------------------------
     x4, t4, h4 = _inputs(4)
     per_sample = [Mix({NAMES[i]: 1.0}) for i in range(4)]
-    ps = under(mixer, per_sample, "per_sample", ours_float, x4, t4, h4)
+    ps = _under(mixer, per_sample, "per_sample", ours_float, x4, t4, h4)
     ours_ps, shared_fused = paired_times(ps, lambda: pristine(x4, t4, h4), runs)
-    ours_ps2, shared_unfused = paired_times(ps, under(mixer, Mix({NAMES[0]: 1.0}), "unfused", ours_float, x4, t4, h4),
+    ours_ps2, shared_unfused = paired_times(ps, _under(mixer, Mix({NAMES[0]: 1.0}), "unfused", ours_float, x4, t4, h4),
                                             runs)
 
     def separate():
         for i in range(4):
-            under(mixer, per_sample[i], "fused", ours_float, x4[i:i + 1], t4[i:i + 1], h4[i:i + 1])()
+            _under(mixer, per_sample[i], "fused", ours_float, x4[i:i + 1], t4[i:i + 1], h4[i:i + 1])()
 
     ours_ps3, sep = paired_times(ps, separate, runs)
     _set_ref(ref_float, 4)

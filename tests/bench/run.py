@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .common import Row, machine, print_table, versions, write_results
-from .train_step import _KEEP_ENV
+from .common import KEEP_ALLOCATOR_ENV, KEEP_ALLOCATOR_NOTE, Row, machine, print_table, versions, write_results
 
 SECTIONS = ["memory", "train", "train-sdxl", "generate", "generate-nf4", "serve"]
 
@@ -61,6 +60,14 @@ def section(name: str, where: str, runs: int, quick: bool) -> list[Row]:
     return serving.run(where, runs=3)
 
 
+def _keeping_rows(rows: list[Row]) -> list[Row]:
+    """generate-nf4's goal rows against the reference (0 and 8 adapters), run with KEEP_ALLOCATOR_ENV: renamed and
+    without goals (reported only); their notes keep the page-fault counts (the last part of each note)."""
+    return [Row(r.name.replace(" (ms", ", allocator keeping its memory (ms"), r.ours, r.reference, r.unit, None,
+                r.machine, note=f"{KEEP_ALLOCATOR_NOTE}; {r.note.split('; ')[-1]}")
+            for r in rows if r.goal and "vs set_adapters" in r.name]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-results.json"))
@@ -80,18 +87,15 @@ def main(argv=None) -> int:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="sdlora-bench-") as tmp:
         for name in sections:
-            # The NF4 generation steps also with an allocator that keeps its memory (train_step._KEEP_ENV),
+            # The NF4 generation steps also with an allocator that keeps its memory (common.KEEP_ALLOCATOR_ENV),
             # reported without goals: what the steps cost apart from the default allocator's fresh pages.
             for keep in (False, True) if name == "generate-nf4" else (False,):
                 out = Path(tmp) / f"{name}-{keep}.json"
                 cmd = [sys.executable, "-m", "tests.bench.run", "--section", name, "--rows-out", str(out)]
-                subprocess.run(cmd + (["--quick"] if args.quick else []), check=True, env=_KEEP_ENV if keep else None)
+                subprocess.run(cmd + (["--quick"] if args.quick else []), check=True,
+                               env=KEEP_ALLOCATOR_ENV if keep else None)
                 got = [Row(**r) for r in json.loads(out.read_text())]
-                if keep:
-                    got = [Row(r.name.replace(" (ms", ", allocator keeping its memory (ms"), r.ours, r.reference, r.unit,
-                               None, r.machine, note=f"MALLOC_MMAP_THRESHOLD_=1e9 MALLOC_TRIM_THRESHOLD_=1e11; "
-                                                     f"{r.note.split('; ')[-1]}") for r in got if "vs set_adapters" in r.name and r.goal]
-                rows += got
+                rows += _keeping_rows(got) if keep else got
             print(f"[{name} done at {time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
     if not torch.cuda.is_available():
         rows.append(Row("GPU rows (64x64 latents, bf16, MFU)", None, None, "-", None, where,

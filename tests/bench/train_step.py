@@ -21,7 +21,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .common import Row, paired_times, peak_bytes, reset_peak, rss_bytes, sd15_unet, sdxl_unet
+from .common import KEEP_ALLOCATOR_ENV, KEEP_ALLOCATOR_NOTE, Row, paired_times, peak_bytes, reset_peak, rss_bytes, sd15_unet, sdxl_unet
 
 SDXL_SIDE = 32  # latents (256 px) for the SDXL rows on the CPU: a 2.6B-parameter UNet step takes minutes beyond
 
@@ -97,12 +97,6 @@ def peak_memory(impl: str, quant: str, targets: str, arch: str = "sd15", checkpo
 _ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-# An allocator that keeps what it takes: every allocation from the heap (no mmap below 1 GB), nothing handed
-# back (no trim below 100 GB). Then neither side's step takes page faults, and the rows timed under it say what
-# the steps' compute costs apart from the default allocator's zeroing of fresh pages (run.py).
-_KEEP_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(10**9), "MALLOC_TRIM_THRESHOLD_": str(10**11)}
-
-
 def _process(*args: str, env: dict | None = None) -> dict:
     """`python -m tests.bench.train_step ARGS` in a fresh process: its last line, as JSON."""
     proc = subprocess.run([sys.executable, "-m", "tests.bench.train_step", *args], capture_output=True, text=True,
@@ -150,10 +144,10 @@ def run(machine: str, runs: int = 5) -> list[Row]:
             rows.append(Row(f"train step {base} base, {targets} peak memory (MB)", mem["ours"]["peak_bytes"] / 2**20,
                             mem["reference"]["peak_bytes"] / 2**20, "MB", 0.6 if quant == "nf4" else None, machine))
             if quant == "nf4":  # reported, not a goal: the same pair where no step takes page faults
-                k = _process("ours", quant, targets, "--time", str(runs), env=_KEEP_ENV)
+                k = _process("ours", quant, targets, "--time", str(runs), env=KEEP_ALLOCATOR_ENV)
                 rows.append(Row(f"train step {base} base, {targets}, allocator keeping its memory (ms)", k["ours_ms"],
                                 k["ref_ms"], "ms", None, machine,
-                                note=f"MALLOC_MMAP_THRESHOLD_=1e9 MALLOC_TRIM_THRESHOLD_=1e11; {_faults_note(k)}"))
+                                note=f"{KEEP_ALLOCATOR_NOTE}; {_faults_note(k)}"))
     return rows
 
 
