@@ -30,24 +30,27 @@ def _lighten(rgb, amount: float):
     return tuple(int(c + (255 - c) * amount) for c in rgb)
 
 
-def stripes(scene: Scene, rng: random.Random) -> Image.Image:
+# Each style is drawn over a picture and its shape's mask, so the same code restyles the sets' scenes and, in
+# tests/test_style_judge.py, the base's own pictures (the reachable bar for an adapter). Pictures and masks
+# come supersampled, PX * SS a side (mosaic: PX), and the result is PX a side.
+
+def stripes_over(img: Image.Image, inside: Image.Image, colour: str, rng: random.Random) -> Image.Image:
     """Diagonal stripes, 8 px period, inside the shape: its colour alternating with a pale tint."""
     big = PX * SS
-    img = draw_scene(scene, big, supersample=1)
-    pattern = Image.new("RGB", (big, big), _lighten(COLORS[scene.color], 0.75))
+    pattern = Image.new("RGB", (big, big), _lighten(COLORS[colour], 0.75))
     d = ImageDraw.Draw(pattern)
     period = 8 * SS
     for x0 in range(-big, 2 * big, period):
-        d.polygon([(x0, 0), (x0 + period // 2, 0), (x0 + period // 2 + big, big), (x0 + big, big)], fill=COLORS[scene.color])
-    img.paste(pattern, (0, 0), shape_mask(scene, big))
+        d.polygon([(x0, 0), (x0 + period // 2, 0), (x0 + period // 2 + big, big), (x0 + big, big)], fill=COLORS[colour])
+    img = img.copy()
+    img.paste(pattern, (0, 0), inside)
     return img.resize((PX, PX), Image.LANCZOS)
 
 
-def dots(scene: Scene, rng: random.Random) -> Image.Image:
+def dots_over(img: Image.Image, inside: Image.Image, colour: str, rng: random.Random) -> Image.Image:
     """White polka dots on the shape and dark dots on the background, on one 10 px grid."""
     big = PX * SS
-    img = draw_scene(scene, big, supersample=1)
-    inside = shape_mask(scene, big)
+    img = img.copy()
     d = ImageDraw.Draw(img)
     period, r = 10 * SS, 2 * SS
     off = rng.randrange(period)
@@ -58,10 +61,10 @@ def dots(scene: Scene, rng: random.Random) -> Image.Image:
     return img.resize((PX, PX), Image.LANCZOS)
 
 
-def mosaic(scene: Scene, rng: random.Random) -> Image.Image:
-    """Pixel mosaic: 8x8 blocks of the mean colour, each slightly brightened or darkened,
-    separated by 1 px dark grout lines."""
-    small = draw_scene(scene, PX).resize((PX // 8, PX // 8), Image.BOX)
+def mosaic_over(img: Image.Image, inside: Image.Image | None, colour: str, rng: random.Random) -> Image.Image:
+    """Pixel mosaic of a PX picture: 8x8 blocks of the mean colour, each slightly brightened or darkened,
+    separated by 1 px dark grout lines. The blocks cover the whole picture, so `inside` is not used."""
+    small = img.resize((PX // 8, PX // 8), Image.BOX)
     px = small.load()
     for y in range(small.height):
         for x in range(small.width):
@@ -75,16 +78,45 @@ def mosaic(scene: Scene, rng: random.Random) -> Image.Image:
     return img
 
 
-def neon(scene: Scene, rng: random.Random) -> Image.Image:
-    """A glowing outline of the shape on black: a blurred halo under a sharp 2 px line."""
+def neon_over(img: Image.Image | None, mask: Image.Image, colour: str, rng: random.Random) -> Image.Image:
+    """A glowing outline of the shape on black: a blurred halo under a sharp 2 px line. The ground is drawn new,
+    so `img` is not used."""
     big = PX * SS
-    mask = shape_mask(scene, big)
     edge = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(2 * 2 * SS + 1)))  # a band inside the border
-    colour = Image.new("RGB", (big, big), COLORS[scene.color])
-    img = Image.new("RGB", (big, big), (10, 10, 14))
-    img.paste(colour, (0, 0), edge.filter(ImageFilter.GaussianBlur(4 * SS)).point(lambda v: min(255, 2 * v)))
-    img.paste(_lighten(COLORS[scene.color], 0.3), (0, 0), edge)
-    return img.resize((PX, PX), Image.LANCZOS)
+    fill = Image.new("RGB", (big, big), COLORS[colour])
+    out = Image.new("RGB", (big, big), (10, 10, 14))
+    out.paste(fill, (0, 0), edge.filter(ImageFilter.GaussianBlur(4 * SS)).point(lambda v: min(255, 2 * v)))
+    out.paste(_lighten(COLORS[colour], 0.3), (0, 0), edge)
+    return out.resize((PX, PX), Image.LANCZOS)
+
+
+STYLES_OVER = {"stripes": stripes_over, "dots": dots_over, "mosaic": mosaic_over, "neon": neon_over}
+
+
+def stripes(scene: Scene, rng: random.Random) -> Image.Image:
+    return stripes_over(draw_scene(scene, PX * SS, supersample=1), shape_mask(scene, PX * SS), scene.color, rng)
+
+
+def dots(scene: Scene, rng: random.Random) -> Image.Image:
+    return dots_over(draw_scene(scene, PX * SS, supersample=1), shape_mask(scene, PX * SS), scene.color, rng)
+
+
+def mosaic(scene: Scene, rng: random.Random) -> Image.Image:
+    return mosaic_over(draw_scene(scene, PX), None, scene.color, rng)
+
+
+def neon(scene: Scene, rng: random.Random) -> Image.Image:
+    return neon_over(None, shape_mask(scene, PX * SS), scene.color, rng)
+
+
+def restyle(picture: Image.Image, mask, colour: str, name: str, rng: random.Random) -> Image.Image:
+    """A PX picture (any other picture, e.g. the base's own) in style `name`, the shape given by `mask` ((PX, PX)
+    bool, True inside), upsampled to the sets' supersampling."""
+    if name == "mosaic":
+        return mosaic_over(picture.convert("RGB").resize((PX, PX), Image.BILINEAR), None, colour, rng)
+    big = PX * SS
+    inside = Image.fromarray(mask.astype("uint8") * 255).resize((big, big), Image.BILINEAR)
+    return STYLES_OVER[name](picture.convert("RGB").resize((big, big), Image.BILINEAR), inside, colour, rng)
 
 
 STYLES = {"stripes": stripes, "dots": dots, "mosaic": mosaic, "neon": neon}
