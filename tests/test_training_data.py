@@ -151,3 +151,26 @@ def test_buckets_stay_between_the_side_bounds_and_sdxl_time_ids_follow_the_crop_
     assert np.array_equal(crop, np.asarray(img)[:, 16:80])
     mirrored = np.asarray(img)[:, ::-1]
     assert np.array_equal(crop[:, ::-1], mirrored[:, 17:81])  # the mirror of the crop is the mirror's crop at 17
+
+
+def test_latent_shift_moves_each_row_by_whole_latents_and_repeats_the_edges():
+    """Against index arithmetic: out[b, c, y, x] = in[b, c, clip(y - dy), clip(x - dx)] (edge repeated)."""
+    import torch
+
+    from sdlora.training.latents import shift_latents
+
+    x = torch.randn(3, 2, 5, 7, generator=torch.Generator().manual_seed(0))
+    shifts = [(1, 0), (-2, 1), (0, 0)]
+    got = shift_latents(x, shifts).numpy()
+    for b, (dx, dy) in enumerate(shifts):
+        ys = np.clip(np.arange(5) - dy, 0, 4)
+        xs = np.clip(np.arange(7) - dx, 0, 6)
+        assert np.array_equal(got[b], x[b].numpy()[:, ys][:, :, xs]), (b, dx, dy)
+    assert shift_latents(x, [(0, 0)] * 3) is x  # nothing drawn, nothing copied
+
+
+def test_a_negative_latent_shift_is_refused_by_name():
+    from sdlora.training.config import TrainConfig
+
+    with pytest.raises(SdloraError, match="latent_shift"):
+        TrainConfig(data_dir="d", out_dir="o", latent_shift=-1)

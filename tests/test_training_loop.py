@@ -69,7 +69,7 @@ def _train_cmd(out, *extra, steps=160):
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_kill_9_then_resume_gives_the_uninterrupted_adapter_bit_for_bit(request, tmp_path, family):
     """SD1 on the embedded base, 100 steps; SDXL on the tiny SDXL folder (both text encoders trained, the
-    second at its own rate; time ids per picture; mirrored pictures, drawn from the saved RNG), 60 steps."""
+    second at its own rate; time ids per picture; mirrored and shifted pictures, drawn from the saved RNG), 60 steps."""
     import os
     import signal
     import subprocess
@@ -80,7 +80,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter_bit_for_bit(request,
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     steps, extra = 100, ()
     if family == "sdxl":
-        steps, extra = 60, ("--base", str(request.getfixturevalue("tiny_sdxl_dir")), "--text-encoder-2-lr", "5e-4", "--flip")
+        steps, extra = 60, ("--base", str(request.getfixturevalue("tiny_sdxl_dir")), "--text-encoder-2-lr", "5e-4", "--flip",
+                         "--latent-shift", "1")
 
     def cmd(out, *more):
         return _train_cmd(out, *extra, *more, steps=steps)

@@ -69,3 +69,14 @@ def cache_latents(pipe, items, buckets, flip: bool) -> list[tuple[torch.Tensor, 
         img = fit_to_bucket(load_rgb(item.image), bucket)
         cache.append(encode(img) + (encode(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) if flip else ()))
     return cache
+
+
+def shift_latents(x: torch.Tensor, shifts: list[tuple[int, int]]) -> torch.Tensor:
+    """(B, C, h, w) latents (or masks), row b moved right by shifts[b][0] and down by shifts[b][1] whole latents
+    (negative: left, up), the vacated border filled by repeating the edge, as a picture's uniform ground extends."""
+    n = max(max(abs(dx), abs(dy)) for dx, dy in shifts)
+    if n == 0:
+        return x
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (n, n, n, n), mode="replicate")  # (B, C, h + 2n, w + 2n)
+    return torch.stack([padded[b, :, n - dy : n - dy + h, n - dx : n - dx + w] for b, (dx, dy) in enumerate(shifts)])

@@ -23,6 +23,7 @@ from .checkpoint import restore_optimizer, restore_rngs, save_checkpoint
 from .config import TrainConfig
 from .data import process_caption
 from .distributed import local_rows, sum_gradients, sum_over_processes
+from .latents import shift_latents
 from .logs import TrainLog
 from .optimizers import eval_mode, train_mode
 from .loss import noise_like, training_loss
@@ -88,8 +89,13 @@ def _batch_loss(run: Run, batch: list[int]) -> float:
     captions = [process_caption(s.item.caption, run.rng, None if s.reg else cfg.trigger, cfg.shuffle_tags,
                                 cfg.keep_tokens, cfg.caption_dropout) for s in rows]
     flips = [cfg.flip and run.rng.random() < 0.5 for _ in batch]  # drawn only with --flip: runs without are as before
+    # drawn only with --latent-shift: runs without are as before
+    shifts = [(run.rng.randint(-cfg.latent_shift, cfg.latent_shift), run.rng.randint(-cfg.latent_shift, cfg.latent_shift))
+              for _ in batch] if cfg.latent_shift else None
     mean = torch.stack([run.latents_cache[i][2 * f] for i, f in zip(batch, flips)])  # (B, C, h, w)
     std = torch.stack([run.latents_cache[i][2 * f + 1] for i, f in zip(batch, flips)])
+    if shifts:
+        mean, std = shift_latents(mean, shifts), shift_latents(std, shifts)
     latents = (mean + std * torch.randn(mean.shape, generator=run.gen)) * run.scaling
     noise = noise_like(latents, run.gen, cfg.noise_offset)
     t = sample_timesteps(len(batch), run.noise_scheduler.config.num_train_timesteps, run.gen, cfg.timestep_sampling,
@@ -102,7 +108,8 @@ def _batch_loss(run: Run, batch: list[int]) -> float:
     mask = None
     if run.masks:  # (B, 1, h, w): a picture without a mask learns everywhere
         mask = torch.stack([run.masks[i][f] if run.masks[i] is not None else torch.ones_like(latents[0, :1]).cpu()
-                            for i, f in zip(batch, flips)])[mine].to(accelerator.device)
+                            for i, f in zip(batch, flips)])  # (B, 1, h, w)
+        mask = (shift_latents(mask, shifts) if shifts else mask)[mine].to(accelerator.device)  # moved with its picture
     share = torch.zeros((), device=accelerator.device)  # stays 0 on a process with no rows
     if len(t):
         with accelerator.autocast(), run.base.mixer.apply(run.mix, mode="unfused"):
