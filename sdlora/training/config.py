@@ -94,8 +94,9 @@ class TrainConfig:
                              "kohya's sd-scripts); not for styles or subjects that are not symmetric")
     latent_shift: int = _opt(0, "move each picture by up to N whole latents (N x the VAE's factor in pixels) left or right "
                                 "and up or down, drawn anew each time it is used, its edges repeated: a texture inside "
-                                "objects (stripes, dots) is then learned at every phase and comes out crisper; not for "
-                                "a pattern fixed to the frame's edges, such as a grid (0: never)", metavar="N")
+                                "objects (stripes, dots) is then learned at every phase, not at the one the pictures "
+                                "happen to share; not for a pattern fixed to the frame's edges, such as a grid (0: never)",
+                             metavar="N")
     batch_size: int = _opt(4, "global batch, split across processes")
     grad_accum: int = _opt(1, "batches per optimizer step", metavar="N")
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass: less memory, "
