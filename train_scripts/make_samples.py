@@ -30,11 +30,11 @@ def _lighten(rgb, amount: float):
     return tuple(int(c + (255 - c) * amount) for c in rgb)
 
 
-# Each style is drawn over a picture and its shape's mask, so the same code restyles the sets' scenes and, in
+# Each style is drawn over a picture and/or its shape's mask, so the same code restyles the sets' scenes and, in
 # tests/test_style_judge.py, the base's own pictures (the reachable bar for an adapter). Pictures and masks
 # come supersampled, PX * SS a side (mosaic: PX), and the result is PX a side.
 
-def stripes_over(img: Image.Image, inside: Image.Image, colour: str, rng: random.Random) -> Image.Image:
+def stripes_over(img: Image.Image, inside: Image.Image, colour: str) -> Image.Image:
     """Diagonal stripes, 8 px period, inside the shape: its colour alternating with a pale tint."""
     big = PX * SS
     pattern = Image.new("RGB", (big, big), _lighten(COLORS[colour], 0.75))
@@ -47,7 +47,7 @@ def stripes_over(img: Image.Image, inside: Image.Image, colour: str, rng: random
     return img.resize((PX, PX), Image.LANCZOS)
 
 
-def dots_over(img: Image.Image, inside: Image.Image, colour: str, rng: random.Random) -> Image.Image:
+def dots_over(img: Image.Image, inside: Image.Image, rng: random.Random) -> Image.Image:
     """White polka dots on the shape and dark dots on the background, on one 10 px grid."""
     big = PX * SS
     img = img.copy()
@@ -61,9 +61,9 @@ def dots_over(img: Image.Image, inside: Image.Image, colour: str, rng: random.Ra
     return img.resize((PX, PX), Image.LANCZOS)
 
 
-def mosaic_over(img: Image.Image, inside: Image.Image | None, colour: str, rng: random.Random) -> Image.Image:
+def mosaic_over(img: Image.Image, rng: random.Random) -> Image.Image:
     """Pixel mosaic of a PX picture: 8x8 blocks of the mean colour, each slightly brightened or darkened,
-    separated by 1 px dark grout lines. The blocks cover the whole picture, so `inside` is not used."""
+    separated by 1 px dark grout lines (over the whole picture, so no mask)."""
     small = img.resize((PX // 8, PX // 8), Image.BOX)
     px = small.load()
     for y in range(small.height):
@@ -78,9 +78,9 @@ def mosaic_over(img: Image.Image, inside: Image.Image | None, colour: str, rng: 
     return img
 
 
-def neon_over(img: Image.Image | None, mask: Image.Image, colour: str, rng: random.Random) -> Image.Image:
-    """A glowing outline of the shape on black: a blurred halo under a sharp 2 px line. The ground is drawn new,
-    so `img` is not used."""
+def neon_over(mask: Image.Image, colour: str) -> Image.Image:
+    """A glowing outline of the shape on black: a blurred halo under a sharp 2 px line (the ground is drawn new,
+    so only the mask counts)."""
     big = PX * SS
     edge = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(2 * 2 * SS + 1)))  # a band inside the border
     fill = Image.new("RGB", (big, big), COLORS[colour])
@@ -90,33 +90,33 @@ def neon_over(img: Image.Image | None, mask: Image.Image, colour: str, rng: rand
     return out.resize((PX, PX), Image.LANCZOS)
 
 
-STYLES_OVER = {"stripes": stripes_over, "dots": dots_over, "mosaic": mosaic_over, "neon": neon_over}
-
-
 def stripes(scene: Scene, rng: random.Random) -> Image.Image:
-    return stripes_over(draw_scene(scene, PX * SS, supersample=1), shape_mask(scene, PX * SS), scene.color, rng)
+    return stripes_over(draw_scene(scene, PX * SS, supersample=1), shape_mask(scene, PX * SS), scene.color)
 
 
 def dots(scene: Scene, rng: random.Random) -> Image.Image:
-    return dots_over(draw_scene(scene, PX * SS, supersample=1), shape_mask(scene, PX * SS), scene.color, rng)
+    return dots_over(draw_scene(scene, PX * SS, supersample=1), shape_mask(scene, PX * SS), rng)
 
 
 def mosaic(scene: Scene, rng: random.Random) -> Image.Image:
-    return mosaic_over(draw_scene(scene, PX), None, scene.color, rng)
+    return mosaic_over(draw_scene(scene, PX), rng)
 
 
 def neon(scene: Scene, rng: random.Random) -> Image.Image:
-    return neon_over(None, shape_mask(scene, PX * SS), scene.color, rng)
+    return neon_over(shape_mask(scene, PX * SS), scene.color)
 
 
 def restyle(picture: Image.Image, mask, colour: str, name: str, rng: random.Random) -> Image.Image:
     """A PX picture (any other picture, e.g. the base's own) in style `name`, the shape given by `mask` ((PX, PX)
     bool, True inside), upsampled to the sets' supersampling."""
+    picture, big = picture.convert("RGB"), PX * SS
     if name == "mosaic":
-        return mosaic_over(picture.convert("RGB").resize((PX, PX), Image.BILINEAR), None, colour, rng)
-    big = PX * SS
+        return mosaic_over(picture.resize((PX, PX), Image.BILINEAR), rng)
     inside = Image.fromarray(mask.astype("uint8") * 255).resize((big, big), Image.BILINEAR)
-    return STYLES_OVER[name](picture.convert("RGB").resize((big, big), Image.BILINEAR), inside, colour, rng)
+    if name == "neon":
+        return neon_over(inside, colour)
+    img = picture.resize((big, big), Image.BILINEAR)
+    return stripes_over(img, inside, colour) if name == "stripes" else dots_over(img, inside, rng)
 
 
 STYLES = {"stripes": stripes, "dots": dots, "mosaic": mosaic, "neon": neon}
