@@ -64,6 +64,24 @@ def test_each_optimizer_is_its_package_class_and_gets_the_loraplus_rates(name):
         assert not any(optimizer.defaults[k] for k in ("relative_step", "scale_parameter", "warmup_init"))
 
 
+def test_adamw_steps_over_all_tensors_at_once_and_moves_them_as_the_per_tensor_loop_does():
+    """make_optimizer asks torch for its foreach AdamW (one call over a group's tensors; torch picks it by
+    itself only on CUDA): it must move the adapter exactly as the per-tensor loop the CPU default runs."""
+    runs = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model, layers = _model()
+        groups = param_groups(layers, "a", lr=1e-2, loraplus_ratio=4)
+        optimizer = (make_optimizer("adamw", groups, torch.device("cpu")) if foreach
+                     else torch.optim.AdamW(groups, foreach=False))
+        assert optimizer.defaults["foreach"] is foreach
+        start = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+        _steps(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), 5, seed=1)
+        runs.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+        assert not all(torch.equal(a, b) for a, b in zip(start, runs[-1]))  # the steps moved the adapter
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @pytest.mark.parametrize("name", list(UPSTREAM))
 def test_a_checkpoint_restores_each_optimizer_bit_for_bit(name, tmp_path):
     """3 steps, a checkpoint, then 3 more: a fresh model and optimizer restored from the checkpoint

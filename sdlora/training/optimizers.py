@@ -37,7 +37,10 @@ def make_optimizer(name: str, groups: list[dict], device: torch.device):
     if name not in OPTIMIZERS:
         raise SdloraError(f"unknown optimizer '{name}'", f"choose one of: {', '.join(OPTIMIZERS)}")
     if name == "adamw":
-        return torch.optim.AdamW(groups)
+        # foreach: one call per group over all its tensors in place of a Python loop over tensors, which torch
+        # picks by itself only on CUDA; on the CPU it gives the same bits (checked over 40 steps of the dots set)
+        # and spares a few percent of a small adapter's step
+        return torch.optim.AdamW(groups, foreach=True)
     if name in PACKAGES:
         cls = optimizer_class(name)
         lr = groups[0]["lr"]  # the constructors' default; every group carries its own
@@ -107,7 +110,7 @@ def _bitsandbytes_adamw(name: str, groups: list[dict], device: torch.device):
     # anything else (bad parameter groups, a bug) is not ours to hide.
     except (ImportError, AttributeError, RuntimeError, NotImplementedError) as err:
         warnings.warn(f"{name} is unavailable here ({type(err).__name__}: {err}); using torch AdamW", stacklevel=3)
-        return torch.optim.AdamW(groups)
+        return torch.optim.AdamW(groups, foreach=True)
 
 
 def train_mode(optimizer) -> None:
