@@ -116,7 +116,11 @@ def restyle(picture: Image.Image, mask, colour: str, name: str, rng: random.Rand
     if name == "neon":
         return neon_over(inside, colour)
     img = picture.resize((big, big), Image.BILINEAR)
-    return stripes_over(img, inside, colour) if name == "stripes" else dots_over(img, inside, rng)
+    if name == "stripes":
+        return stripes_over(img, inside, colour)
+    if name == "dots":
+        return dots_over(img, inside, rng)
+    raise ValueError(f"no style '{name}': choose one of {', '.join(STYLES)}")
 
 
 STYLES = {"stripes": stripes, "dots": dots, "mosaic": mosaic, "neon": neon}

@@ -89,9 +89,8 @@ def _batch_loss(run: Run, batch: list[int]) -> float:
     captions = [process_caption(s.item.caption, run.rng, None if s.reg else cfg.trigger, cfg.shuffle_tags,
                                 cfg.keep_tokens, cfg.caption_dropout) for s in rows]
     flips = [cfg.flip and run.rng.random() < 0.5 for _ in batch]  # drawn only with --flip: runs without are as before
-    # drawn only with --latent-shift: runs without are as before
-    shifts = [(run.rng.randint(-cfg.latent_shift, cfg.latent_shift), run.rng.randint(-cfg.latent_shift, cfg.latent_shift))
-              for _ in batch] if cfg.latent_shift else None
+    k = cfg.latent_shift  # drawn only with --latent-shift: runs without are as before
+    shifts = [(run.rng.randint(-k, k), run.rng.randint(-k, k)) for _ in batch] if k else None  # (dx, dy) per row
     mean = torch.stack([run.latents_cache[i][2 * f] for i, f in zip(batch, flips)])  # (B, C, h, w)
     std = torch.stack([run.latents_cache[i][2 * f + 1] for i, f in zip(batch, flips)])
     if shifts:
