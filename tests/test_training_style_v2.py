@@ -46,13 +46,14 @@ def test_the_base_own_pictures_are_judged_plain(embedded):
 
 
 # Measured with the defaults (rank 16 on every UNet layer and the text encoder, lr 1e-3, 600 steps, offset
-# noise 0.1), seeds 0-9, judged in the style / named colour kept / overlap >= 0.5, per prompt
-# (red circle, blue square, green triangle). What is still short of the issue's bar is marked, with the figures.
+# noise 0.1, caption dropout 0.1 with blank prompt preservation 0.1), seeds 0-9, judged in the style / named
+# colour kept / overlap >= 0.5, per prompt (red circle, blue square, green triangle). Stripes (8/10/10, 10/10/9,
+# 10/10/9) and dots (10/10/10, 10/10/8, 10/8/8) meet the issue's bar; what is still short of it is marked,
+# with the figures.
 NOT_YET = {
-    "stripes": "judged stripes 0, 4, 3 of 10: faint stripes, the judge wants the set's contrast",
-    "dots": "judged dots 4 of 10 on the red circle (10 and 10 on the others)",
-    "mosaic": "judged mosaic 2, 2, 7 of 10; the green triangle's overlap with the base's is under 0.5 in 10 of 10",
-    "neon": "judged neon 10, 9, 10 of 10, but open outlines: overlap >= 0.5 in only 4, 5, 0 of 10",
+    "mosaic": "judged mosaic 6, 7, 10 of 10; the green triangle's overlap with the base's is >= 0.5 in only 2 of 10",
+    "neon": "judged neon 10, 8, 10 of 10, but open outlines and three-stroke triangles: overlap >= 0.5 in only "
+            "3, 7, 2 of 10",
 }
 
 
@@ -91,14 +92,14 @@ def judged(style_adapter):
 def test_each_style_adapter_moves_pictures_towards_it_and_keeps_the_named_colour(judged, style):
     """What holds today for every style: without the adapter at most 1 of 10 pictures per prompt is judged
     in the style, with it the named colour stays in 8 of 10, and of the 30 pictures (3 prompts x 10 seeds)
-    at least 5 are judged in the style (stripes, the weakest, 7)."""
+    at least 20 are judged in the style (mosaic, the weakest, 23)."""
     styled = 0
     for (colour, shape), (with_it, without, colours, kept) in judged(style).items():
         report = f"{style}, {colour} {shape}: with {with_it}; without {without}; colours {colours}"
         assert sum(v == style for v in without) <= 1, report
         assert sum(c == colour for c in colours) >= 8, report
         styled += sum(v == style for v in with_it)
-    assert styled >= 5, f"{style}: {styled} of 30 pictures judged in the style with the adapter"
+    assert styled >= 20, f"{style}: {styled} of 30 pictures judged in the style with the adapter"
 
 
 @pytest.mark.slow

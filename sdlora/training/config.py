@@ -105,7 +105,11 @@ class TrainConfig:
     trigger: str | None = _opt(None, "trigger word: captions that lack it get it as their first tag (kohya's "
                                      "convention, which --keep-tokens keeps in place); where a caption already has it, "
                                      "it stays where it is (the sample sets put theirs last)")
-    caption_dropout: float = _opt(0.05, "share of empty captions")
+    caption_dropout: float = _opt(0.1, "share of empty captions")
+    blank_prompt_preservation: float = _opt(0.1, "empty-caption rows learn this share of the base's own unconditional "
+                                           "prediction, the rest their picture (ai-toolkit's blank prompt "
+                                           "preservation): the unconditional stays nearer the base's, so guidance "
+                                           "pulls toward the style; 0: off")
     shuffle_tags: bool = _opt(False, "shuffle comma-separated tags")
     keep_tokens: int = _opt(0, "leading tags kept in place", metavar="N")
     repeats: int = _opt(1, "times each picture appears per epoch")
@@ -173,6 +177,7 @@ class TrainConfig:
             (self.text_encoder_2_lr is None or (math.isfinite(self.text_encoder_2_lr) and self.text_encoder_2_lr >= 0),
              "text_encoder_2_lr", "0 or more"),
             (0 <= self.caption_dropout < 1, "caption_dropout", "in [0, 1)"),
+            (0 <= self.blank_prompt_preservation <= 1, "blank_prompt_preservation", "in [0, 1]"),
             (self.warmup_steps >= 0, "warmup_steps", "0 or more"),
             (self.latent_shift >= 0, "latent_shift", "0 (never) or more"),
             (self.checkpoint_every >= 0, "checkpoint_every", "0 (none) or more"),

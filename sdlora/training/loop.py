@@ -26,7 +26,7 @@ from .distributed import local_rows, sum_gradients, sum_over_processes
 from .latents import shift_latents
 from .logs import TrainLog
 from .optimizers import eval_mode, train_mode
-from .loss import noise_like, training_loss
+from .loss import blank_prompt_targets, noise_like, training_loss
 from .resume import history
 from .setup import Run, enable_unet_checkpointing, lr_factor, setup_run  # noqa: F401 (re-exported: tests, bench)
 from .text_cache import unet_conditioning
@@ -110,12 +110,21 @@ def _batch_loss(run: Run, batch: list[int]) -> float:
                             for i, f in zip(batch, flips)])  # (B, 1, h, w)
         mask = (shift_latents(mask, shifts) if shifts else mask)[mine].to(accelerator.device)  # moved with its picture
     share = torch.zeros((), device=accelerator.device)  # stays 0 on a process with no rows
+    given = None
+    blank = [i for i, c in enumerate(captions[mine]) if c == ""] if cfg.blank_prompt_preservation else []
+    if blank and len(t):  # outside the mix: the base's own unconditional prediction
+        rows = torch.tensor(blank)
+        base_cond = unet_conditioning(*run.texts.base([""] * len(blank)),
+                                      time_ids[rows] if time_ids is not None else None)
+        with accelerator.autocast():
+            given = (rows, blank_prompt_targets(run.base.pipe.unet, run.noise_scheduler, latents[rows], noise[rows],
+                                                t[rows].to(latents.device), base_cond, cfg.blank_prompt_preservation))
     if len(t):
         with accelerator.autocast(), run.base.mixer.apply(run.mix, mode="unfused"):
             cond = unet_conditioning(*run.texts(captions[mine]), time_ids)
             # This process's share of the batch mean: summed over processes it is the mean.
             share = training_loss(run.base.pipe.unet, run.noise_scheduler, latents, noise, t.to(latents.device), cond,
-                                  cfg.min_snr_gamma, mask, row_weights) * len(t) / len(batch)
+                                  cfg.min_snr_gamma, mask, row_weights, given) * len(t) / len(batch)
             accelerator.backward(share / cfg.grad_accum)
     return sum_over_processes(share.detach(), accelerator).item()
 

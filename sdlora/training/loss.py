@@ -56,14 +56,32 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tens
 
 def training_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: dict,
                   gamma: float | None, mask: torch.Tensor | None = None,
-                  row_weights: torch.Tensor | None = None) -> torch.Tensor:
+                  row_weights: torch.Tensor | None = None, given: tuple | None = None) -> torch.Tensor:
     """One batch's objective: latents (B, C, h, w) noised to `timesteps` (B,), the UNet's prediction under
     `cond` (text_cache.unet_conditioning) against the base's target, min-SNR weighted; row_weights (B,) multiply
     each row's term (regularization rows: --reg-weight), still averaged over all B rows, as kohya's
-    prior_loss_weight is."""
+    prior_loss_weight is. given: (rows (n,), targets (n, C, h, w)) replaces those rows' targets (blank prompt
+    preservation's blend with the base's own prediction)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, **cond).sample
     weights = loss_weights(scheduler, timesteps, gamma)
     if row_weights is not None:
         weights = weights * row_weights.to(weights)
-    return diffusion_loss(pred, target_for(scheduler, latents, noise, timesteps), weights, mask)
+    target = target_for(scheduler, latents, noise, timesteps)
+    if given is not None:
+        target = target.clone()
+        target[given[0]] = given[1].to(target)
+    return diffusion_loss(pred, target, weights, mask)
+
+
+def blank_prompt_targets(base_unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                         base_cond: dict, share: float) -> torch.Tensor:
+    """Blank prompt preservation's targets for rows trained on the empty caption, latents (n, C, h, w): `share`
+    of the base's own unconditional prediction (base_unet run outside any mix, base_cond the base encoders' empty
+    caption) and the rest the usual target. An adapter whose unconditional learns the pictures fully gives
+    classifier-free guidance nothing to pull toward (both branches carry the style); one that keeps the base's
+    fully is pulled guidance-times too far. ai-toolkit weighs an extra blank-prompt step against the picture's
+    instead; a blended target has the same minimiser and costs no extra backward pass."""
+    with torch.no_grad():
+        prior = base_unet(scheduler.add_noise(latents, noise, timesteps), timesteps, **base_cond).sample
+    return share * prior.float() + (1 - share) * target_for(scheduler, latents, noise, timesteps).float()

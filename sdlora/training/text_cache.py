@@ -22,6 +22,7 @@ class TextEmbeddings:
             self.encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
         self.sdxl = len(self.encoders) == 2
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # caption -> (hidden, pooled), fp32
+        self.base_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # the same, no adapter applied
 
     def _ids(self, tokenizer, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -50,6 +51,18 @@ class TextEmbeddings:
                     self.cache[caption] = (hidden[0].float(), None if pooled is None else pooled[0].float())
         hidden = torch.stack([self.cache[c][0] for c in captions])
         pooled = torch.stack([self.cache[c][1] for c in captions]) if self.sdxl else None
+        return hidden, pooled
+
+    def base(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As __call__, but the encoders as the base has them, whether or not adapters train on them: call it
+        outside any mix. Cached, without gradients: the base's outputs never change."""
+        with torch.no_grad():
+            for caption in captions:
+                if caption not in self.base_cache:
+                    hidden, pooled = self._encode([caption])
+                    self.base_cache[caption] = (hidden[0].float(), None if pooled is None else pooled[0].float())
+        hidden = torch.stack([self.base_cache[c][0] for c in captions])
+        pooled = torch.stack([self.base_cache[c][1] for c in captions]) if self.sdxl else None
         return hidden, pooled
 
 
