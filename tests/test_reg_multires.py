@@ -168,9 +168,9 @@ def test_a_reg_and_two_resolution_run_weights_reg_rows_and_resumes_bit_for_bit(t
         seen[-1][1].append(out := real_caption(*a, **kw))
         return out
 
-    def loss(*a):
-        seen[-1][2] = a[-1].tolist()
-        return real_loss(*a)
+    def loss(*a, **kw):
+        seen[-1][2] = a[-1].tolist()  # row weights, the last positional argument
+        return real_loss(*a, **kw)
 
     monkeypatch.setattr(loop, "_batch_loss", batch_loss)
     monkeypatch.setattr(loop, "process_caption", caption)

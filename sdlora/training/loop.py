@@ -124,7 +124,7 @@ def _batch_loss(run: Run, batch: list[int]) -> float:
             cond = unet_conditioning(*run.texts(captions[mine]), time_ids)
             # This process's share of the batch mean: summed over processes it is the mean.
             share = training_loss(run.base.pipe.unet, run.noise_scheduler, latents, noise, t.to(latents.device), cond,
-                                  cfg.min_snr_gamma, mask, row_weights, given) * len(t) / len(batch)
+                                  cfg.min_snr_gamma, mask, row_weights, given=given) * len(t) / len(batch)
             accelerator.backward(share / cfg.grad_accum)
     return sum_over_processes(share.detach(), accelerator).item()
 

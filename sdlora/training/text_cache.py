@@ -44,25 +44,21 @@ class TextEmbeddings:
         when an encoder trains, else from the cache."""
         if self.trainable:
             return self._encode(captions)
-        with torch.no_grad():
-            for caption in captions:
-                if caption not in self.cache:
-                    hidden, pooled = self._encode([caption])
-                    self.cache[caption] = (hidden[0].float(), None if pooled is None else pooled[0].float())
-        hidden = torch.stack([self.cache[c][0] for c in captions])
-        pooled = torch.stack([self.cache[c][1] for c in captions]) if self.sdxl else None
-        return hidden, pooled
+        return self._cached(self.cache, captions)
 
     def base(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As __call__, but the encoders as the base has them, whether or not adapters train on them: call it
-        outside any mix. Cached, without gradients: the base's outputs never change."""
+        """As __call__, but the encoders as the base has them, whether or not adapters train on them (blank
+        prompt preservation's target): call it outside any mix. Cached: the base's outputs never change."""
+        return self._cached(self.base_cache if self.trainable else self.cache, captions)
+
+    def _cached(self, cache: dict, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad():
             for caption in captions:
-                if caption not in self.base_cache:
+                if caption not in cache:
                     hidden, pooled = self._encode([caption])
-                    self.base_cache[caption] = (hidden[0].float(), None if pooled is None else pooled[0].float())
-        hidden = torch.stack([self.base_cache[c][0] for c in captions])
-        pooled = torch.stack([self.base_cache[c][1] for c in captions]) if self.sdxl else None
+                    cache[caption] = (hidden[0].float(), None if pooled is None else pooled[0].float())
+        hidden = torch.stack([cache[c][0] for c in captions])
+        pooled = torch.stack([cache[c][1] for c in captions]) if self.sdxl else None
         return hidden, pooled
 
 
