@@ -112,7 +112,7 @@ def _batch_loss(run: Run, batch: list[int]) -> float:
     share = torch.zeros((), device=accelerator.device)  # stays 0 on a process with no rows
     given = None
     blank = [i for i, c in enumerate(captions[mine]) if c == ""] if cfg.blank_prompt_preservation else []
-    if blank and len(t):  # outside the mix: the base's own unconditional prediction
+    if blank:  # outside the mix: the base's own unconditional prediction (blank rows are this process's)
         rows = torch.tensor(blank)
         base_cond = unet_conditioning(*run.texts.base([""] * len(blank)),
                                       time_ids[rows] if time_ids is not None else None)
