@@ -120,7 +120,7 @@ class TrainConfig:
     reg_weight: float = _opt(1.0, "the loss of regularization rows is multiplied by this (kohya's prior_loss_weight)")
     min_snr_gamma: float | None = _opt(2.0, "min-SNR weighting gamma (Hang et al.): a level's loss weighs min(SNR, G) / "
                                             "SNR (epsilon); a lower G leans on the noisier levels, where a style's "
-                                            "layout is drawn (their paper's 5 left fine styles faint)")
+                                            "layout is drawn (the paper's 5 left the sample mosaic faint)")
     noise_offset: float = _opt(0.1, "noise offset (a per-channel constant added to the noise)")
     timestep_sampling: str = _opt("uniform", "how noise levels are drawn: uniform, or logit_normal (most weight on "
                                              "the middle levels)", choices=TIMESTEP_SAMPLINGS)
