@@ -66,11 +66,11 @@ demo: $(VENV)/.installed
 # Two workers for two cores (tests/conftest.py gives each one thread).
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -rs --durations=12 -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -rs --durations=12 -n $(TEST_WORKERS) tests
 
 # The per-style learning tests for all four sample styles (make test runs dots and neon: ~4 minutes more each).
 test-styles: $(VENV)/.installed-test
-	SDLORA_ALL_STYLES=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup tests/test_training_style_v2.py
+	SDLORA_ALL_STYLES=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) tests/test_training_style_v2.py
 
 # Drift found on purpose, not by a red CI: a fresh .venv-latest with the newest versions the registries
 # serve (no lock), the differences from the lock, then the whole suite there. May fail; not part of CI.

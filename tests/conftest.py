@@ -18,19 +18,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks added here
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA")
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
-    # The tests of one style run on one xdist worker (--dist loadgroup), so its pictures are judged once; its
-    # training is shared across workers anyway (style_adapter).
-    for item in items:
-        style = getattr(item, "callspec", None) and item.callspec.params.get("style")
-        if style and "style_adapter" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group(f"style-{style}"))
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +51,9 @@ def tiny_sdxl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def style_adapter(tmp_path_factory):
     """style name -> an adapter trained on samples/styles/NAME by `sdlora train`'s DEFAULT settings, once
-    per run (the style tests and the mixing test share them). Under xdist the workers share one folder:
-    the first worker to need a style trains it while holding its lock, the others wait and read it."""
+    per run (the style tests and the mixing test share them). Under xdist the workers share one folder
+    (`get.folder`, where tests may keep other per-style results the same way): the first worker to need a
+    style trains it while holding its lock, the others wait and read it."""
     from pathlib import Path
 
     from filelock import FileLock
@@ -83,4 +77,5 @@ def style_adapter(tmp_path_factory):
                 done.write_text(str(train(cfg, progress=False).adapter))
             return Path(done.read_text())
 
+    get.folder = shared
     return get
