@@ -49,33 +49,48 @@ def tiny_sdxl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def style_adapter(tmp_path_factory):
-    """style name -> an adapter trained on samples/styles/NAME by `sdlora train`'s DEFAULT settings, once
-    per run (the style tests and the mixing test share them). Under xdist the workers share one folder
-    (`get.folder`, where tests may keep other per-style results the same way): the first worker to need a
-    style trains it while holding its lock, the others wait and read it."""
-    from pathlib import Path
-
+def once_per_run(tmp_path_factory):
+    """once_per_run(key, make) -> the text make() returned, made once per test run across xdist workers: the
+    first worker to ask for `key` runs make() while holding its lock and writes the text whole (a worker
+    killed mid-write leaves no half file); the others wait and read it. make() may write into
+    once_per_run.folder, the run's folder, which every worker sees."""
     from filelock import FileLock
+
+    folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = folder.parent  # the run's folder, above each worker's own
+    folder = folder / "once"
+    folder.mkdir(exist_ok=True)
+
+    def get(key: str, make) -> str:
+        done = folder / f"{key}.txt"
+        with FileLock(str(folder / f"{key}.lock")):
+            if not done.exists():
+                tmp = done.with_suffix(".tmp")
+                tmp.write_text(make())
+                tmp.replace(done)
+            return done.read_text()
+
+    get.folder = folder
+    return get
+
+
+@pytest.fixture(scope="session")
+def style_adapter(once_per_run):
+    """style name -> an adapter trained on samples/styles/NAME by `sdlora train`'s DEFAULT settings, once
+    per run (the style tests and the mixing test share them, whichever worker asks first)."""
+    from pathlib import Path
 
     from sdlora.training.config import TrainConfig
     from sdlora.training.loop import train
 
     styles = Path(__file__).resolve().parents[1] / "samples" / "styles"
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the run's folder, above each worker's own
-    shared = shared / "styles"
-    shared.mkdir(exist_ok=True)
 
     def get(style: str) -> Path:
-        out = shared / style
-        with FileLock(str(shared / f"{style}.lock")):
-            done = out / "trained.txt"
-            if not done.exists():
-                cfg = TrainConfig(data_dir=str(styles / style), out_dir=str(out), name=style)
-                done.write_text(str(train(cfg, progress=False).adapter))
-            return Path(done.read_text())
+        def make() -> str:
+            cfg = TrainConfig(data_dir=str(styles / style), out_dir=str(once_per_run.folder / style), name=style)
+            return str(train(cfg, progress=False).adapter)
 
-    get.folder = shared
+        return Path(once_per_run(f"{style}-adapter", make))
+
     return get

@@ -69,38 +69,30 @@ def _styled_and_plain(base, style, colour, shape):
 
 
 @pytest.fixture(scope="session")
-def judged(style_adapter):
+def judged(style_adapter, once_per_run):
     """style -> per prompt: (verdicts with, verdicts without, object colours with, overlaps with the base's).
-    Worked out once per run and style, whichever worker asks first, and kept beside the adapter
-    (style_adapter.folder) for the other worker: `--dist loadgroup` cannot keep a style's tests on one worker
-    under pytest 9, whose node ids no longer take xdist's group suffix, so a module-scoped cache judged each
-    style's 60 pictures twice (about 50 s each)."""
+    Worked out once per run and style, whichever worker asks first (once_per_run): `--dist loadgroup` cannot
+    keep a style's tests on one worker under pytest 9, whose node ids no longer take xdist's group suffix, so a
+    module-scoped cache judged each style's 60 pictures twice (about 50 s each)."""
     import json
-
-    from filelock import FileLock
 
     judge = default_judge()
 
     def get(style):
-        folder = style_adapter.folder
-        done = folder / f"{style}.judged.json"
-        adapter = style_adapter(style)  # trained first, outside this lock
-        with FileLock(str(folder / f"{style}.judged.lock")):
-            if not done.exists():
-                from sdlora.adapter_io import load_adapter
-                from sdlora.pipelines import load_base
+        def make() -> str:
+            from sdlora.adapter_io import load_adapter
+            from sdlora.pipelines import load_base
 
-                base = load_base("embedded")  # the default quantization is a training choice; generation runs float
-                load_adapter(base, adapter, style)  # once per style, for all its prompts
-                rows = []
-                for colour, shape in PROMPTS:
-                    styled, plain = _styled_and_plain(base, style, colour, shape)
-                    rows.append([colour, shape, [judge.judge(im) for im in styled], [judge.judge(im) for im in plain],
-                                 [object_colour(im) for im in styled], [overlap(s, p) for s, p in zip(styled, plain)]])
-                tmp = done.with_suffix(".tmp")
-                tmp.write_text(json.dumps(rows))
-                tmp.replace(done)  # whole or absent: a worker killed mid-write leaves no half file
-            rows = json.loads(done.read_text())
+            base = load_base("embedded")  # the default quantization is a training choice; generation runs float
+            load_adapter(base, style_adapter(style), style)  # once per style, for all its prompts
+            rows = []
+            for colour, shape in PROMPTS:
+                styled, plain = _styled_and_plain(base, style, colour, shape)
+                rows.append([colour, shape, [judge.judge(im) for im in styled], [judge.judge(im) for im in plain],
+                             [object_colour(im) for im in styled], [overlap(s, p) for s, p in zip(styled, plain)]])
+            return json.dumps(rows)
+
+        rows = json.loads(once_per_run(f"{style}-judged", make))
         return {(colour, shape): tuple(rest) for colour, shape, *rest in rows}
 
     return get
